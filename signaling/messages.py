@@ -1,0 +1,151 @@
+"""
+Parsing, validating and building the JSON frames of the wire contract.
+
+Pure functions, no network code.  ``parse`` turns a text frame into a
+:class:`Message` or raises a :class:`~signaling.registry.SignalingError`
+whose ``code`` is the wire error code (``invalid-json``, ``invalid-message``
+or ``unknown-type``) and whose ``ref`` is the offending type, if one could be
+read.
+"""
+
+import json
+from typing import Any, NamedTuple, Optional
+
+from signaling.registry import InvalidMessage, SignalingError, UnknownType
+
+#: The message types a client may send.
+CLIENT_TYPES = frozenset(
+    ["ping", "pong", "offer", "answer", "ice-candidate", "disconnect"]
+)
+
+
+class InvalidJSON(SignalingError):
+    code = "invalid-json"
+
+
+class Message(NamedTuple):
+    """A valid client message."""
+
+    type: str
+    to: str
+    data: Any
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_no_constants)
+_dumps_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def _with_ref(error: SignalingError, ref: Optional[str]) -> SignalingError:
+    error.ref = ref
+    return error
+
+
+def parse(payload: bytes) -> Message:
+    """
+    Parse one text frame (UTF-8 bytes, already validated as UTF-8 by the
+    WebSocket layer) into a :class:`Message`.
+
+    :raises SignalingError: with ``code`` and ``ref`` set, if the frame is
+        not a valid client message.
+    """
+    try:
+        obj = _decoder.decode(payload.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise _with_ref(InvalidJSON(f"frame is not valid JSON: {_short(e)}"), None)
+    if not isinstance(obj, dict):
+        raise _with_ref(
+            InvalidMessage(
+                f"a message must be a JSON object, not {_json_kind(obj)}"
+            ),
+            None,
+        )
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        problem = "is missing" if kind is None else f"must be a string, not {_json_kind(kind)}"
+        raise _with_ref(InvalidMessage(f'field "type" {problem}'), None)
+    if kind not in CLIENT_TYPES:
+        raise _with_ref(
+            UnknownType(
+                "unknown message type; expected one of "
+                + ", ".join(sorted(CLIENT_TYPES))
+            ),
+            kind,
+        )
+    to = obj.get("to")
+    if not isinstance(to, str) or not to:
+        if to is None:
+            problem = "is missing"
+        elif isinstance(to, str):
+            problem = "must not be empty"
+        else:
+            problem = f"must be a string, not {_json_kind(to)}"
+        raise _with_ref(InvalidMessage(f'field "to" {problem}'), kind)
+    if "data" in obj:
+        data = obj["data"]
+        if not isinstance(data, dict):
+            raise _with_ref(
+                InvalidMessage(
+                    f'field "data" must be a JSON object, not {_json_kind(data)}'
+                ),
+                kind,
+            )
+    else:
+        data = {}
+    return Message(kind, to, data)
+
+
+def encode(obj: Any) -> bytes:
+    """
+    Serialize a server message to UTF-8 JSON bytes.
+
+    Non-ASCII text is kept as UTF-8 so that relayed strings stay
+    byte-for-byte what the sender wrote; a string that cannot be UTF-8
+    (a lone surrogate, sent escaped) falls back to ``\\u`` escapes, which
+    decode to the same value.
+    """
+    try:
+        return _dumps_utf8(obj).encode("utf-8")
+    except UnicodeEncodeError:
+        return _dumps_ascii(obj).encode("ascii")
+
+
+def welcome(peer_id: str) -> dict:
+    return {"type": "welcome", "id": peer_id}
+
+
+def relay(kind: str, sender: str, data: Any) -> dict:
+    return {"type": kind, "from": sender, "data": data}
+
+
+def error(code: str, message: str, ref: Optional[str] = None) -> dict:
+    return {"type": "error", "code": code, "message": message, "ref": ref}
+
+
+def peer_left(gone: str) -> dict:
+    return relay("disconnect", gone, {"reason": "peer_left"})
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _short(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    text = str(e)
+    return text if len(text) <= 120 else text[:117] + "..."

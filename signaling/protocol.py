@@ -1,0 +1,432 @@
+"""
+The WebSocket side: an Autobahn protocol per browser peer, and the factory
+that owns the peer registry and the live connections.
+
+Wire contract (full text: ``docs/protocol.rst``)::
+
+    server -> client on open  {"type": "welcome", "id": "<uuid4>"}
+    client -> server          {"type": T, "to": "<peer id>", "data": {...}}
+                              T in ping pong offer answer ice-candidate disconnect
+    server -> target          {"type": T, "from": "<sender id>", "data": <as sent>}
+    server -> sender on error {"type": "error", "code": C, "message": "...", "ref": T|null}
+    partner of a gone user    {"type": "disconnect", "from": "<gone id>",
+                               "data": {"reason": "peer_left"}}
+
+The pairing rules live in :mod:`signaling.registry`; this module parses,
+validates, asks the registry, relays, replies with errors and logs.
+Registry operations may answer with a ``Deferred`` (see
+:class:`~signaling.registry.IRegistry`): the operations of one connection are
+then run one after another, in the order their frames arrived.
+"""
+
+from collections import deque
+from typing import Optional
+
+import attr
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+
+from signaling import messages
+from signaling.limits import TokenBucket
+from signaling.registry import SignalingError
+
+#: close code sent to every peer when the server shuts down
+CLOSE_GOING_AWAY = 1001
+#: close code for a peer that keeps sending over the rate limit
+CLOSE_POLICY_VIOLATION = 1008
+
+_STATE_OPEN = WebSocketProtocol.STATE_OPEN
+
+# which registry operation checks each message type
+_OPERATIONS = {
+    "ping": "ping",
+    "pong": "pong",
+    "offer": "check_paired",
+    "answer": "check_paired",
+    "ice-candidate": "check_paired",
+    "disconnect": "disconnect",
+}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Settings:
+    """Tunables of the WebSocket side; ``signaling.tap.Options`` documents each."""
+
+    max_message_size: int = 256 * 1024
+    ping_interval: float = 20.0
+    ping_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    close_timeout: float = 2.0
+    rate: float = 50.0
+    burst: int = 100
+    #: consecutive rate-limited messages after which the peer is closed (1008)
+    flood_strikes: int = 100
+    drain_timeout: float = 5.0
+
+
+class ClockTimer:
+    """
+    Autobahn's timer interface (``call_later``) on our clock.
+
+    Autobahn's default, txaio's batched timer, runs on the global reactor and
+    rounds every deadline down to a whole second, so that a ping timeout
+    below a second fires at once and a 10 s one may fire after 9 s.  This one
+    is exact, and uses the injected clock (a fake one in tests).
+    """
+
+    def __init__(self, clock):
+        self._clock = clock
+
+    def call_later(self, delay, func, *args, **kwargs):
+        return _Call(self._clock.callLater(delay, func, *args, **kwargs))
+
+
+class _Call:
+    __slots__ = ("_call",)
+
+    def __init__(self, call):
+        self._call = call
+
+    def cancel(self):
+        if self._call.active():
+            self._call.cancel()
+
+
+def _host(address) -> str:
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    if host.startswith("::ffff:") and "." in host:
+        return host[len("::ffff:") :]
+    return host
+
+
+class SignalingServerProtocol(WebSocketServerProtocol):
+    """One browser peer."""
+
+    _log = Logger()  # Autobahn owns ``self.log``
+
+    peer_id: Optional[str] = None
+    ip: str = "?"
+
+    def onConnect(self, request):
+        self.ip = _host(self.transport.getPeer())
+        return None
+
+    def onOpen(self):
+        factory = self.factory
+        self.peer_id = factory.new_id()
+        self.closed = Deferred()
+        self._bucket = TokenBucket(
+            factory.clock, factory.settings.rate, factory.settings.burst
+        )
+        self._strikes = 0
+        self._busy = False
+        self._queue = deque()
+        self._enqueue(self._join)
+
+    def onMessage(self, payload, isBinary):
+        if self.peer_id is None:
+            return
+        if not self._bucket.take():
+            self._strikes += 1
+            if self._strikes >= self.factory.settings.flood_strikes:
+                self._log.warn(
+                    "peer {peer} ({ip}) closed for flooding: {strikes} messages over the rate limit",
+                    peer=self.peer_id,
+                    ip=self.ip,
+                    strikes=self._strikes,
+                )
+                self.close(CLOSE_POLICY_VIOLATION, "message rate limit exceeded")
+            else:
+                self._error(
+                    "rate-limited",
+                    "too many messages: at most {} per second (bursts of {}); "
+                    "this one was dropped".format(
+                        self.factory.settings.rate, self.factory.settings.burst
+                    ),
+                    None,
+                )
+            return
+        self._strikes = 0
+        if isBinary:
+            self._error(
+                "invalid-message",
+                "binary frames are not accepted; send JSON as text frames",
+                None,
+            )
+            return
+        try:
+            message = messages.parse(payload)
+        except SignalingError as e:
+            self._error(e.code, e.message, e.ref)
+            return
+        self._enqueue(lambda: self._process(message, len(payload)))
+
+    def onClose(self, wasClean, code, reason):
+        if self.peer_id is None or not hasattr(self, "closed"):
+            return  # the opening handshake never completed
+        peer_id = self.peer_id
+        self.peer_id = None
+        self._enqueue(lambda: self.factory.leave(self, peer_id, wasClean, code))
+
+    # -- sending ------------------------------------------------------------
+
+    def send(self, payload: bytes) -> bool:
+        """Send one JSON text frame if the socket is open; return whether it was sent."""
+        if self.state != _STATE_OPEN:
+            return False
+        self.sendMessage(payload, isBinary=False)
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """
+        Start the closing handshake with any valid close code.  (Autobahn's
+        ``sendClose`` only lets applications send 1000 and 3000-4999; 1001
+        and 1008 are the right codes for a server going away and for a
+        policy violation.)
+        """
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+    def _error(self, code: str, text: str, ref: Optional[str]) -> None:
+        self._log.info(
+            "error {code} to {peer}: {text} (ref {ref})",
+            code=code,
+            peer=self.peer_id,
+            text=text,
+            ref=ref,
+        )
+        self.send(messages.encode(messages.error(code, text, ref)))
+
+    # -- operations, run in arrival order -----------------------------------
+
+    def _enqueue(self, operation) -> None:
+        """
+        Run ``operation`` (a callable returning a value or a ``Deferred``)
+        now, or after the operations of this connection still in flight.
+        """
+        if self._busy:
+            self._queue.append(operation)
+            return
+        self._busy = True
+        self._run(operation)
+
+    def _run(self, operation) -> None:
+        while True:
+            try:
+                result = operation()
+            except Exception:
+                self._log.failure("operation failed for peer {peer}", peer=self.peer_id)
+                result = None
+            if isinstance(result, Deferred):
+                result.addErrback(
+                    lambda f: self._log.failure(
+                        "operation failed for peer {peer}", f, peer=self.peer_id
+                    )
+                )
+                result.addCallback(lambda _: self._next())
+                return
+            if not self._queue:
+                self._busy = False
+                return
+            operation = self._queue.popleft()
+
+    def _next(self) -> None:
+        if self._queue:
+            self._run(self._queue.popleft())
+        else:
+            self._busy = False
+
+    def _join(self):
+        return _then(self.factory.join(self), self._welcome)
+
+    def _welcome(self, _):
+        if self.factory.shutting_down:
+            self.close(CLOSE_GOING_AWAY, "server shutting down")
+            return
+        self.send(messages.encode(messages.welcome(self.peer_id)))
+
+    def _process(self, message: messages.Message, size: int):
+        operation = getattr(self.factory.registry, _OPERATIONS[message.type])
+        try:
+            result = operation(self.peer_id, message.to)
+        except SignalingError as e:
+            self._error(e.code, e.message, message.type)
+            return None
+        if isinstance(result, Deferred):
+            return result.addCallbacks(
+                self._relay,
+                self._refused,
+                callbackArgs=(message, size),
+                errbackArgs=(message,),
+            )
+        self._relay(result, message, size)
+        return None
+
+    def _refused(self, failure, message: messages.Message) -> None:
+        error = failure.check(SignalingError)
+        if error is None:
+            self._log.failure("registry failed for peer {peer}", failure, peer=self.peer_id)
+            self._error("internal-error", "the server failed to handle this message", message.type)
+        else:
+            e = failure.value
+            self._error(e.code, e.message, message.type)
+
+    def _relay(self, transitions, message: messages.Message, size: int) -> None:
+        sender = self.peer_id
+        self.factory.log_transitions(transitions)
+        payload = messages.encode(messages.relay(message.type, sender, message.data))
+        if not self.factory.deliver(message.to, payload):
+            self._error(
+                "peer-not-found",
+                "that peer is going away; the message was not delivered",
+                message.type,
+            )
+            return
+        self._log.info(
+            "relay {type} {sender} -> {to} ({size} bytes)",
+            type=message.type,
+            sender=sender,
+            to=message.to,
+            size=size,
+        )
+
+
+def _then(result, callback):
+    """Apply ``callback`` to a plain result now, or to a Deferred's result later."""
+    if isinstance(result, Deferred):
+        return result.addCallback(callback)
+    return callback(result)
+
+
+class SignalingFactory(WebSocketServerFactory):
+    """
+    Owns the peer registry and the open connections of this process.
+
+    :param registry: an :class:`~signaling.registry.IRegistry` provider.
+    :param settings: :class:`Settings`.
+    :param clock: the reactor (``seconds``/``callLater``), a ``Clock`` in tests.
+    :param new_id: makes peer ids (``uuid4`` strings by default).
+    """
+
+    protocol = SignalingServerProtocol
+    _log = Logger()
+
+    def __init__(self, registry, settings: Settings, clock=None, new_id=None, **kwargs):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        super().__init__(reactor=clock, **kwargs)
+        self.registry = registry
+        self.settings = settings
+        self.clock = clock
+        if new_id is None:
+            from uuid import uuid4
+
+            def new_id():
+                return str(uuid4())
+
+        self.new_id = new_id
+        self.connections = {}
+        self.shutting_down = False
+        self._batched_timer = ClockTimer(clock)
+        self.setProtocolOptions(
+            maxMessagePayloadSize=settings.max_message_size,
+            maxFramePayloadSize=settings.max_message_size,
+            autoPingInterval=settings.ping_interval,
+            autoPingTimeout=settings.ping_timeout,
+            openHandshakeTimeout=settings.handshake_timeout,
+            closeHandshakeTimeout=settings.close_timeout,
+            webStatus=False,
+            # fail with a close frame naming the reason (1009 too big,
+            # 1007 bad UTF-8, 1002 protocol error), not a bare TCP drop
+            failByDrop=False,
+        )
+
+    # -- membership ---------------------------------------------------------
+
+    def join(self, proto: SignalingServerProtocol):
+        self.connections[proto.peer_id] = proto
+        result = self.registry.add(proto.peer_id, proto.ip)
+        self._log.info("peer {peer} connected from {ip}", peer=proto.peer_id, ip=proto.ip)
+        return result
+
+    def leave(self, proto: SignalingServerProtocol, peer_id: str, clean: bool, code):
+        if self.connections.get(peer_id) is proto:
+            del self.connections[peer_id]
+        self._log.info(
+            "peer {peer} disconnected from {ip} (close code {code}, {how})",
+            peer=peer_id,
+            ip=proto.ip,
+            code=code,
+            how="clean" if clean else "not clean",
+        )
+        result = _then(self.registry.remove(peer_id), lambda t: self._left(peer_id, t))
+        if isinstance(result, Deferred):
+            return result.addBoth(lambda r: _fire(proto.closed) or r)
+        _fire(proto.closed)
+        return None
+
+    def _left(self, gone: str, transitions) -> None:
+        self.log_transitions(transitions)
+        payload = messages.encode(messages.peer_left(gone))
+        for t in transitions:
+            if self.deliver(t.peer, payload):
+                self._log.info("peer_left {gone} -> {to}", gone=gone, to=t.peer)
+
+    # -- delivery -----------------------------------------------------------
+
+    def deliver(self, to: str, payload: bytes) -> bool:
+        """Send ``payload`` to the peer ``to``; return False if it is not here or not open."""
+        proto = self.connections.get(to)
+        return proto is not None and proto.send(payload)
+
+    def log_transitions(self, transitions) -> None:
+        for t in transitions:
+            self._log.info(
+                "peer {peer} {old} -> {new} (target {target})",
+                peer=t.peer,
+                old=t.old,
+                new=t.new,
+                target=t.target,
+            )
+
+    # -- shutdown -----------------------------------------------------------
+
+    def shutdown(self, timeout: float) -> Deferred:
+        """
+        Close every connection with 1001 and fire when all have closed, or
+        after ``timeout`` seconds, when the rest are dropped.
+        """
+        self.shutting_down = True
+        protos = list(self.connections.values())
+        if not protos:
+            return succeed(0)
+        self._log.info(
+            "closing {count} connections (waiting up to {timeout}s)",
+            count=len(protos),
+            timeout=timeout,
+        )
+        for proto in protos:
+            proto.close(CLOSE_GOING_AWAY, "server shutting down")
+        done = DeferredList([p.closed for p in protos])
+        timer = self.clock.callLater(timeout, self._drop_remaining, done)
+        done.addCallback(lambda _: timer.cancel() if timer.active() else None)
+        done.addCallback(lambda _: len(protos))
+        return done
+
+    def _drop_remaining(self, done: Deferred) -> None:
+        remaining = [p for p in self.connections.values()]
+        self._log.warn(
+            "drain timeout: dropping {count} connections that did not close",
+            count=len(remaining),
+        )
+        for proto in remaining:
+            proto.dropConnection(abort=True)
+            _fire(proto.closed)
+
+
+def _fire(d: Deferred) -> None:
+    if not d.called:
+        d.callback(None)

@@ -1,0 +1,272 @@
+"""
+Peer state and the pairing rules, with no network code.
+
+This module knows nothing about WebSockets, JSON or HTTP.  It keeps, for each
+connected user, its state (``idle``, ``connecting``, ``connected``), the user
+it points at (``target``), its address and when it arrived, and it applies the
+rules of the wire contract (``docs/protocol.rst``):
+
+====================  =========================================  ===========================
+operation (A -> B)    allowed when                               effect
+====================  =========================================  ===========================
+``ping``              A connected to B (liveness)                none
+                      A not connected; B not connected to        A: connecting -> B
+                      someone else
+``pong``              A and B connected to each other            none
+                      B connecting -> A, A not connected         A, B: connected, each other
+``offer``/``answer``  A and B connected to each other            none
+/``ice-candidate``
+``disconnect``        A's target is B                            A idle; B idle if it
+                                                                 pointed at A
+(A's socket closes)   always                                     A removed; everyone whose
+                                                                 target was A goes idle
+====================  =========================================  ===========================
+
+(For ``pong`` the table reads with A as the sender: "B connecting -> A" means
+the user being ponged is waiting for the sender.)
+
+A rule that does not hold raises a :class:`SignalingError` subclass naming the
+error code; the protocol layer turns it into an error reply.  Every operation
+that changes state returns the list of :class:`Transition` objects it made, so
+the caller can log them.
+
+:class:`IRegistry` is the seam for other implementations (a Redis-backed one
+shared by several nodes): callers must accept either a plain value or a
+``Deferred`` from every operation, and :class:`Registry` here answers
+synchronously.
+"""
+
+from typing import Dict, List, NamedTuple, Optional, Set
+
+from zope.interface import Interface, implementer
+
+IDLE = "idle"
+CONNECTING = "connecting"
+CONNECTED = "connected"
+
+
+class SignalingError(Exception):
+    """A message broke a rule of the contract; ``code`` is the wire error code."""
+
+    code = "invalid-message"
+    #: the message type that caused the error, if known (set by the caller)
+    ref: Optional[str] = None
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidMessage(SignalingError):
+    code = "invalid-message"
+
+
+class UnknownType(SignalingError):
+    code = "unknown-type"
+
+
+class PeerNotFound(SignalingError):
+    code = "peer-not-found"
+
+
+class PeerBusy(SignalingError):
+    code = "peer-busy"
+
+
+class InvalidState(SignalingError):
+    code = "invalid-state"
+
+
+class Transition(NamedTuple):
+    """One user's state change: ``peer`` went from ``old`` to ``new`` (now pointing at ``target``)."""
+
+    peer: str
+    old: str
+    new: str
+    target: Optional[str]
+
+
+class Peer:
+    """One connected user, as the registry sees it."""
+
+    __slots__ = ("id", "ip", "connected_at", "state", "target")
+
+    def __init__(self, peer_id: str, ip: str, connected_at: float):
+        self.id = peer_id
+        self.ip = ip
+        self.connected_at = connected_at
+        self.state = IDLE
+        self.target: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.id} {self.state} -> {self.target}>"
+
+
+class IRegistry(Interface):
+    """
+    Who is connected and who is paired with whom.
+
+    Every method may return its result directly or as a ``Deferred`` that
+    fires with it (or fails with a :class:`SignalingError`).
+    """
+
+    def add(peer_id, ip):
+        """Register a new, idle user; returns its :class:`Peer`."""
+
+    def remove(peer_id):
+        """Forget a user whose socket went away; returns the transitions of the users who pointed at it (now idle)."""
+
+    def ping(sender, to):
+        """Apply a ``ping`` from ``sender`` to ``to``; returns transitions."""
+
+    def pong(sender, to):
+        """Apply a ``pong`` from ``sender`` to ``to``; returns transitions."""
+
+    def check_paired(sender, to):
+        """Raise unless ``sender`` and ``to`` are connected to each other (offer/answer/ice-candidate); returns no transitions."""
+
+    def disconnect(sender, to):
+        """Apply a ``disconnect`` from ``sender`` to ``to``; returns transitions."""
+
+    def peers():
+        """Return a list of every :class:`Peer`, oldest first."""
+
+    def summary():
+        """Return counts: ``users``, ``idle``, ``connecting``, ``connected``, ``pairs``."""
+
+
+@implementer(IRegistry)
+class Registry:
+    """The in-memory registry of one server process."""
+
+    def __init__(self, clock):
+        """
+        :param clock: anything with a ``seconds()`` method (the reactor, or
+            ``twisted.internet.task.Clock`` in tests).
+        """
+        self._clock = clock
+        self._peers: Dict[str, Peer] = {}
+        # target id -> ids of the users whose target it is (reverse index,
+        # so that a departure finds its watchers without a scan)
+        self._pointing: Dict[str, Set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def __contains__(self, peer_id) -> bool:
+        return peer_id in self._peers
+
+    def get(self, peer_id: str) -> Optional[Peer]:
+        return self._peers.get(peer_id)
+
+    # -- membership ---------------------------------------------------------
+
+    def add(self, peer_id: str, ip: str) -> Peer:
+        if peer_id in self._peers:
+            raise ValueError(f"duplicate peer id {peer_id!r}")
+        peer = Peer(peer_id, ip, self._clock.seconds())
+        self._peers[peer_id] = peer
+        return peer
+
+    def remove(self, peer_id: str) -> List[Transition]:
+        peer = self._peers.pop(peer_id, None)
+        if peer is None:
+            return []
+        if peer.target is not None:
+            self._unpoint(peer.id, peer.target)
+        transitions = []
+        for watcher_id in sorted(self._pointing.pop(peer_id, ())):
+            watcher = self._peers[watcher_id]
+            transitions.append(Transition(watcher_id, watcher.state, IDLE, None))
+            watcher.state = IDLE
+            watcher.target = None
+        return transitions
+
+    # -- pairing rules ------------------------------------------------------
+
+    def ping(self, sender: str, to: str) -> List[Transition]:
+        a, b = self._pair(sender, to)
+        if a.state == CONNECTED:
+            if a.target == b.id:
+                return []  # liveness check between partners
+            raise InvalidState(
+                "you are connected to another peer; send disconnect to it first"
+            )
+        if b.state == CONNECTED:
+            raise PeerBusy("that peer is connected to someone else")
+        if a.state == CONNECTING and a.target == b.id:
+            return []  # repeated ping while waiting: nothing changes
+        return [self._set(a, CONNECTING, b.id)]
+
+    def pong(self, sender: str, to: str) -> List[Transition]:
+        b, a = self._pair(sender, to)
+        if b.state == CONNECTED and b.target == a.id:
+            return []  # liveness check between partners
+        if a.state == CONNECTING and a.target == b.id and b.state != CONNECTED:
+            return [self._set(a, CONNECTED, b.id), self._set(b, CONNECTED, a.id)]
+        raise InvalidState("that peer is not waiting for a pong from you")
+
+    def check_paired(self, sender: str, to: str) -> List[Transition]:
+        a, b = self._pair(sender, to)
+        if not (a.state == CONNECTED and a.target == b.id):
+            raise InvalidState(
+                "you are not connected to that peer; pair with ping/pong first"
+            )
+        return []
+
+    def disconnect(self, sender: str, to: str) -> List[Transition]:
+        a, b = self._pair(sender, to)
+        if a.target != b.id:
+            raise InvalidState("you are not connecting or connected to that peer")
+        transitions = [self._set(a, IDLE, None)]
+        if b.target == a.id:
+            transitions.append(self._set(b, IDLE, None))
+        return transitions
+
+    # -- views --------------------------------------------------------------
+
+    def peers(self) -> List[Peer]:
+        return list(self._peers.values())
+
+    def summary(self) -> Dict[str, int]:
+        counts = {IDLE: 0, CONNECTING: 0, CONNECTED: 0}
+        for peer in self._peers.values():
+            counts[peer.state] += 1
+        return {
+            "users": len(self._peers),
+            IDLE: counts[IDLE],
+            CONNECTING: counts[CONNECTING],
+            CONNECTED: counts[CONNECTED],
+            "pairs": counts[CONNECTED] // 2,
+        }
+
+    # -- internals ----------------------------------------------------------
+
+    def _pair(self, sender: str, to: str):
+        a = self._peers.get(sender)
+        if a is None:
+            raise PeerNotFound("you are not registered")
+        if to == sender:
+            raise PeerNotFound("you cannot signal yourself")
+        b = self._peers.get(to)
+        if b is None:
+            raise PeerNotFound("no connected peer has that id")
+        return a, b
+
+    def _set(self, peer: Peer, state: str, target: Optional[str]) -> Transition:
+        old = peer.state
+        if peer.target != target:
+            if peer.target is not None:
+                self._unpoint(peer.id, peer.target)
+            if target is not None:
+                self._pointing.setdefault(target, set()).add(peer.id)
+        peer.state = state
+        peer.target = target
+        return Transition(peer.id, old, state, target)
+
+    def _unpoint(self, peer_id: str, target: str) -> None:
+        watchers = self._pointing.get(target)
+        if watchers is not None:
+            watchers.discard(peer_id)
+            if not watchers:
+                del self._pointing[target]

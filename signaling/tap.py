@@ -1,0 +1,241 @@
+"""
+``twistd signaling`` / ``twist signaling``: options and service wiring.
+
+``makeService`` only wires: a registry, the WebSocket factory, the Klein site,
+one listener per endpoint string, and the periodic summary.  Graceful
+shutdown (stop accepting, close every WebSocket with 1001, wait at most the
+drain bound, log a final summary) is :class:`SignalingService`'s
+``stopService``.
+"""
+
+import re
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from signaling import __version__
+from signaling.protocol import SignalingFactory, Settings
+from signaling.registry import Registry
+from signaling.web import SignalingWeb
+
+_DEFAULTS = Settings()
+
+
+def _positive(kind):
+    def convert(value):
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(f"must be positive, got {value!r}")
+        return number
+
+    convert.coerceDoc = "Must be positive."
+    return convert
+
+
+def _non_negative(kind):
+    def convert(value):
+        number = kind(value)
+        if number < 0:
+            raise ValueError(f"must not be negative, got {value!r}")
+        return number
+
+    convert.coerceDoc = "0 disables it."
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A WebRTC signaling server: browser peers connect over WebSocket, pair "
+        "up with ping/pong and exchange offers, answers and ICE candidates. "
+        "Endpoints are Twisted endpoint strings, e.g. tcp:8080, "
+        "tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem."
+    )
+    optParameters = [
+        ["http", None, "tcp:3000",
+         "Endpoint for HTTP: /api/stats, /test.html, and the WebSocket at /ws."],
+        ["ws", None, "tcp:8080",
+         "Endpoint for the WebSocket (any path), or 'none' to serve it only at /ws."],
+        ["backlog", None, 1024,
+         "Listen backlog added to endpoints that do not set backlog= themselves "
+         "(Twisted's default of 50 stalls bursts of connections).", _positive(int)],
+        ["ping-interval", None, _DEFAULTS.ping_interval,
+         "Seconds between WebSocket pings to each peer (keepalive).", _non_negative(float)],
+        ["ping-timeout", None, _DEFAULTS.ping_timeout,
+         "Seconds to wait for a pong before the peer is dropped.", _non_negative(float)],
+        ["handshake-timeout", None, _DEFAULTS.handshake_timeout,
+         "Seconds allowed for the WebSocket opening handshake.", _non_negative(float)],
+        ["max-message-size", None, _DEFAULTS.max_message_size,
+         "Largest accepted message in bytes; larger ones close the socket with 1009.",
+         _positive(int)],
+        ["rate", None, _DEFAULTS.rate,
+         "Messages per second each peer may send on average.", _non_negative(float)],
+        ["burst", None, _DEFAULTS.burst,
+         "Messages a peer may send at once above the rate.", _positive(int)],
+        ["flood-strikes", None, _DEFAULTS.flood_strikes,
+         "Consecutive rate-limited messages after which a peer is closed with 1008.",
+         _positive(int)],
+        ["drain-timeout", None, _DEFAULTS.drain_timeout,
+         "Seconds to wait for WebSockets to close on shutdown.", _non_negative(float)],
+        ["summary-interval", None, 60.0,
+         "Seconds between summary log lines (users, pairs).", _non_negative(float)],
+    ]
+
+    def opt_version(self):
+        """Print the version and exit."""
+        print(f"signaling {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self):
+        if self["max-message-size"] < 65536:
+            raise usage.UsageError(
+                "--max-message-size must be at least 65536 (real SDP can be tens of KiB)"
+            )
+        for name in ("http", "ws"):
+            if not self[name]:
+                raise usage.UsageError(f"--{name} must not be empty")
+        if self["http"] == "none":
+            raise usage.UsageError("--http cannot be 'none'")
+
+    def settings(self) -> Settings:
+        return Settings(
+            max_message_size=self["max-message-size"],
+            ping_interval=self["ping-interval"],
+            ping_timeout=self["ping-timeout"],
+            handshake_timeout=self["handshake-timeout"],
+            rate=self["rate"],
+            burst=self["burst"],
+            flood_strikes=self["flood-strikes"],
+            drain_timeout=self["drain-timeout"],
+        )
+
+
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """Add ``backlog=`` to a listening endpoint string unless it sets one."""
+    kind = description.split(":", 1)[0].lower()
+    if kind not in _BACKLOG_TYPES or re.search(r"(^|:)backlog=", description):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+class ListenService(Service):
+    """Listen on one endpoint while running; log the address actually bound."""
+
+    _log = Logger()
+
+    def __init__(self, label: str, endpoint, factory):
+        self.label = label
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+
+        def listening(port):
+            self.port = port
+            address = port.getHost()
+            self._log.info(
+                "{label} listening on {host}:{port}",
+                label=self.label,
+                host=getattr(address, "host", address),
+                port=getattr(address, "port", ""),
+            )
+
+        failures = []
+        d.addCallbacks(listening, failures.append)
+        if failures:
+            # Listening failed at once (the usual case: port in use, bad
+            # interface): raise, so that twistd reports it and exits.
+            failures[0].raiseException()
+        d.addCallback(
+            lambda _: failures
+            and self._log.failure("{label} could not listen", failures[0], label=self.label)
+        )
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+class SignalingService(MultiService):
+    """
+    The whole server.  Stopping it stops the listeners first, then closes
+    every WebSocket with 1001 and waits at most ``drain_timeout`` for them.
+    """
+
+    _log = Logger()
+
+    def __init__(self, factory: SignalingFactory, drain_timeout: float):
+        super().__init__()
+        self.factory = factory
+        self.drain_timeout = drain_timeout
+
+    def startService(self):
+        super().startService()
+        self._log.info("signaling {version} started", version=__version__)
+
+    def stopService(self):
+        self._log.info("shutting down: no longer accepting connections")
+        d = super().stopService()
+        d.addCallback(lambda _: self.factory.shutdown(self.drain_timeout))
+        d.addCallback(self._stopped)
+        return d
+
+    def _stopped(self, closed):
+        summary = self.factory.registry.summary()
+        self._log.info(
+            "stopped: closed {closed} connections; {users} users left in the registry",
+            closed=closed,
+            users=summary["users"],
+        )
+
+
+def log_summary(registry, log=Logger(namespace="signaling.summary")):
+    """Log one line of who is connected."""
+    s = registry.summary()
+    log.info(
+        "summary: {users} users ({idle} idle, {connecting} connecting, "
+        "{connected} connected), {pairs} pairs",
+        **s,
+    )
+
+
+def make_factory(options: Options, registry, reactor) -> SignalingFactory:
+    return SignalingFactory(registry, options.settings(), reactor)
+
+
+def make_site(registry, factory) -> Site:
+    web = SignalingWeb(registry, WebSocketResource(factory))
+    return Site(web.app.resource())
+
+
+def makeService(options: Options, reactor=None) -> SignalingService:
+    if reactor is None:
+        from twisted.internet import reactor
+    registry = Registry(reactor)
+    factory = make_factory(options, registry, reactor)
+    service = SignalingService(factory, options["drain-timeout"])
+    backlog = options["backlog"]
+    listeners = [("http", options["http"], make_site(registry, factory))]
+    if options["ws"] != "none":
+        listeners.append(("ws", options["ws"], factory))
+    for label, description, server_factory in listeners:
+        endpoint = serverFromString(reactor, with_backlog(description, backlog))
+        ListenService(label, endpoint, server_factory).setServiceParent(service)
+    if options["summary-interval"] > 0:
+        timer = TimerService(options["summary-interval"], log_summary, registry)
+        timer.clock = reactor
+        timer.setServiceParent(service)
+    return service

@@ -1,0 +1,86 @@
+"""
+The HTTP side, a Klein app on the same reactor as the WebSocket server:
+
+- ``GET /api/stats``: who is connected, in the shape of the wire contract;
+- ``GET /test.html``: the interactive test page (package data);
+- ``GET /``: redirects to the test page;
+- ``/ws``: the WebSocket endpoint, for deployments that expose one port.
+"""
+
+import json
+from datetime import datetime, timezone
+from importlib import resources
+
+from klein import Klein
+from twisted.internet.defer import maybeDeferred
+
+
+def iso_utc(seconds: float) -> str:
+    """Format a POSIX time as ``2025-09-09T13:00:00.000Z`` (UTC, milliseconds)."""
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+
+
+def stats_document(peers) -> dict:
+    """The ``/api/stats`` document for a list of :class:`~signaling.registry.Peer`."""
+    return {
+        "connectedUsers": len(peers),
+        "users": [
+            {
+                "id": p.id,
+                "state": p.state,
+                "targetUser": p.target,
+                "connectedAt": iso_utc(p.connected_at),
+                "ip": p.ip,
+            }
+            for p in sorted(peers, key=lambda p: p.connected_at)
+        ],
+    }
+
+
+def static_file(name: str) -> bytes:
+    return resources.files("signaling").joinpath("static", name).read_bytes()
+
+
+class SignalingWeb:
+    """
+    The HTTP routes.
+
+    :param registry: an :class:`~signaling.registry.IRegistry` provider.
+    :param ws_resource: the resource to serve at ``/ws`` (an Autobahn
+        ``WebSocketResource``), or ``None``.
+    """
+
+    app = Klein()
+
+    def __init__(self, registry, ws_resource=None):
+        self.registry = registry
+        self.ws_resource = ws_resource
+        self.test_page = static_file("test.html")
+
+    @app.route("/api/stats", methods=["GET", "HEAD"])
+    def stats(self, request):
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        d = maybeDeferred(self.registry.peers)
+        d.addCallback(lambda peers: json.dumps(stats_document(peers)).encode("utf-8"))
+        return d
+
+    @app.route("/test.html", methods=["GET", "HEAD"])
+    def test_html(self, request):
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return self.test_page
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request):
+        request.redirect(b"/test.html")
+        return b""
+
+    @app.route("/ws", branch=False)
+    def ws(self, request):
+        if self.ws_resource is None:
+            request.setResponseCode(404)
+            return b"WebSocket is not served on this port\n"
+        return self.ws_resource

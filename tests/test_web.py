@@ -1,0 +1,128 @@
+"""Tier 2: the Klein routes through treq's StubTreq (no sockets)."""
+
+import json
+import re
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+
+from signaling.registry import Registry
+from signaling.web import SignalingWeb, iso_utc
+
+
+class Marker(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b"websocket resource"
+
+
+@pytest.fixture
+def setup():
+    clock = Clock()
+    clock.advance(1_757_422_800.5)  # 2025-09-09T13:00:00.500Z
+    registry = Registry(clock)
+    web = SignalingWeb(registry, Marker())
+    return registry, clock, StubTreq(web.app.resource())
+
+
+def get(treq, url, **kwargs):
+    results = []
+
+    async def go():
+        response = await treq.get(url, **kwargs)
+        body = await response.content()
+        results.append((response, body))
+
+    ensureDeferred(go())
+    treq.flush()
+    assert results, "request did not complete"
+    return results[0]
+
+
+def test_iso_utc_format():
+    """Times are formatted as UTC with milliseconds and a Z."""
+    assert iso_utc(1_757_422_800) == "2025-09-09T13:00:00.000Z"
+    assert iso_utc(1_757_422_800.0789) == "2025-09-09T13:00:00.078Z"
+
+
+def test_stats_empty(setup):
+    """With nobody connected, stats say so, as JSON."""
+    _, _, treq = setup
+    response, body = get(treq, "http://localhost/api/stats")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert json.loads(body) == {"connectedUsers": 0, "users": []}
+
+
+def test_stats_shape(setup):
+    """Each user appears with exactly id, state, targetUser, connectedAt and ip, oldest first."""
+    registry, clock, treq = setup
+    registry.add("u1", "127.0.0.1")
+    clock.advance(1.25)
+    registry.add("u2", "::1")
+    clock.advance(1)
+    registry.add("u3", "127.0.0.2")
+    registry.ping("u3", "u2")
+    registry.ping("u1", "u2")
+    registry.pong("u2", "u1")
+    response, body = get(treq, "http://localhost/api/stats")
+    doc = json.loads(body)
+    assert doc == {
+        "connectedUsers": 3,
+        "users": [
+            {"id": "u1", "state": "connected", "targetUser": "u2",
+             "connectedAt": "2025-09-09T13:00:00.500Z", "ip": "127.0.0.1"},
+            {"id": "u2", "state": "connected", "targetUser": "u1",
+             "connectedAt": "2025-09-09T13:00:01.750Z", "ip": "::1"},
+            {"id": "u3", "state": "connecting", "targetUser": "u2",
+             "connectedAt": "2025-09-09T13:00:02.750Z", "ip": "127.0.0.2"},
+        ],
+    }
+    for user in doc["users"]:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", user["connectedAt"])
+
+
+def test_test_page(setup):
+    """/test.html is the interactive page, as UTF-8 HTML, with a button per message type."""
+    _, _, treq = setup
+    response, body = get(treq, "http://localhost/test.html")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["text/html; charset=utf-8"]
+    page = body.decode("utf-8")
+    assert "<title>" in page and "WebSocket" in page
+    for kind in ["ping", "pong", "offer", "answer", "ice-candidate", "disconnect"]:
+        assert f'"{kind}"' in page
+    assert 'id="log"' in page and 'id="myId"' in page and 'id="peer"' in page
+
+
+def test_root_redirects_to_test_page(setup):
+    """GET / redirects to /test.html."""
+    _, _, treq = setup
+    response, _ = get(treq, "http://localhost/", allow_redirects=False)
+    assert response.code == 302
+    assert response.headers.getRawHeaders("location") == ["/test.html"]
+
+
+def test_ws_route_serves_the_websocket_resource(setup):
+    """/ws is handed to the WebSocket resource."""
+    _, _, treq = setup
+    response, body = get(treq, "http://localhost/ws")
+    assert body == b"websocket resource"
+
+
+def test_ws_route_without_resource_is_404():
+    """Without a WebSocket resource, /ws answers 404."""
+    treq = StubTreq(SignalingWeb(Registry(Clock())).app.resource())
+    response, _ = get(treq, "http://localhost/ws")
+    assert response.code == 404
+
+
+def test_unknown_path_is_404(setup):
+    """Unknown paths are 404."""
+    _, _, treq = setup
+    response, _ = get(treq, "http://localhost/nope")
+    assert response.code == 404

@@ -1,0 +1,5 @@
+from twisted.application.service import ServiceMaker
+
+signaling = ServiceMaker(
+    "signaling", "signaling.tap", "WebRTC signaling server (WebSocket + stats)", "signaling"
+)
