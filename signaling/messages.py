@@ -56,7 +56,7 @@ def parse(payload: bytes) -> Message:
     try:
         obj = _decoder.decode(payload.decode("utf-8"))
     except (ValueError, RecursionError) as e:
-        raise _with_ref(InvalidJSON(f"frame is not valid JSON: {_short(e)}"), None)
+        raise _with_ref(InvalidJSON(f"frame is not valid JSON: {_short(e)}"), None) from None
     if not isinstance(obj, dict):
         raise _with_ref(
             InvalidMessage(

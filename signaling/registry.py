@@ -114,7 +114,10 @@ class IRegistry(Interface):
         """Register a new, idle user; returns its :class:`Peer`."""
 
     def remove(peer_id):
-        """Forget a user whose socket went away; returns the transitions of the users who pointed at it (now idle)."""
+        """
+        Forget a user whose socket went away; returns the transitions of
+        the users who pointed at it (they are now idle).
+        """
 
     def ping(sender, to):
         """Apply a ``ping`` from ``sender`` to ``to``; returns transitions."""
@@ -123,7 +126,10 @@ class IRegistry(Interface):
         """Apply a ``pong`` from ``sender`` to ``to``; returns transitions."""
 
     def check_paired(sender, to):
-        """Raise unless ``sender`` and ``to`` are connected to each other (offer/answer/ice-candidate); returns no transitions."""
+        """
+        Raise unless ``sender`` and ``to`` are connected to each other (for
+        offer/answer/ice-candidate); returns no transitions.
+        """
 
     def disconnect(sender, to):
         """Apply a ``disconnect`` from ``sender`` to ``to``; returns transitions."""

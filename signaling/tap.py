@@ -19,7 +19,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from signaling import __version__
-from signaling.protocol import SignalingFactory, Settings
+from signaling.protocol import Settings, SignalingFactory
 from signaling.registry import Registry
 from signaling.web import SignalingWeb
 
@@ -177,14 +177,19 @@ class SignalingService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, factory: SignalingFactory, drain_timeout: float):
+    def __init__(self, factory: SignalingFactory, drain_timeout: float, reactor):
         super().__init__()
         self.factory = factory
         self.drain_timeout = drain_timeout
+        self.reactor = reactor
 
     def startService(self):
         super().startService()
-        self._log.info("signaling {version} started", version=__version__)
+        # twistd starts services before the reactor runs and installs its
+        # signal handlers; "ready" is logged once both are done.
+        self.reactor.callWhenRunning(
+            self._log.info, "signaling {version} ready", version=__version__
+        )
 
     def stopService(self):
         self._log.info("shutting down: no longer accepting connections")
@@ -202,10 +207,13 @@ class SignalingService(MultiService):
         )
 
 
-def log_summary(registry, log=Logger(namespace="signaling.summary")):
+_summary_log = Logger(namespace="signaling.summary")
+
+
+def log_summary(registry):
     """Log one line of who is connected."""
     s = registry.summary()
-    log.info(
+    _summary_log.info(
         "summary: {users} users ({idle} idle, {connecting} connecting, "
         "{connected} connected), {pairs} pairs",
         **s,
@@ -226,7 +234,7 @@ def makeService(options: Options, reactor=None) -> SignalingService:
         from twisted.internet import reactor
     registry = Registry(reactor)
     factory = make_factory(options, registry, reactor)
-    service = SignalingService(factory, options["drain-timeout"])
+    service = SignalingService(factory, options["drain-timeout"], reactor)
     backlog = options["backlog"]
     listeners = [("http", options["http"], make_site(registry, factory))]
     if options["ws"] != "none":

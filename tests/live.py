@@ -63,13 +63,16 @@ class ServerProcess:
             text=True,
             encoding="utf-8",
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout
-        while len(self.ports) < 2:
+        ready = False
+        while len(self.ports) < 2 or not ready:
             line = self._next_line(deadline)
+            ready = ready or "signaling" in line and " ready" in line
             if self.json_logs:
                 try:
-                    event = json.loads(line)
+                    event = json.loads(line.lstrip("\x1e"))
                 except ValueError:
                     continue
                 if event.get("log_namespace") == "signaling.tap.ListenService" and "port" in event:
@@ -94,7 +97,7 @@ class ServerProcess:
         try:
             line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise AssertionError("server did not log in time:\n" + self.output())
+            raise AssertionError("server did not log in time:\n" + self.output()) from None
         if line is None:
             raise AssertionError("server exited:\n" + self.output())
         return line
@@ -118,7 +121,10 @@ class ServerProcess:
         self.proc.send_signal(signum)
 
     def wait(self, timeout=30.0):
-        return self.proc.wait(timeout=timeout)
+        """Wait for the process to exit and for its output to be read; return its status."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout)
+        return code
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

@@ -12,7 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
-from signaling.protocol import ClockTimer, SignalingFactory, Settings
+from signaling.protocol import ClockTimer, Settings, SignalingFactory
 from signaling.registry import Registry
 
 

@@ -11,7 +11,6 @@ import subprocess
 import uuid
 
 import pytest
-
 from live import ServerProcess, closed_code, connect, recv, recv_raw, send, sync
 
 

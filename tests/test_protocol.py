@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from memory import Client, Harness
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from memory import Client, Harness
 from signaling.registry import SignalingError
 
 
@@ -33,7 +33,7 @@ def test_default_ids_are_uuid4():
     """Without an injected id maker, ids are fresh uuid4 strings."""
     import uuid
 
-    from signaling.protocol import SignalingFactory, Settings
+    from signaling.protocol import Settings, SignalingFactory
 
     factory = SignalingFactory(None, Settings())
     ids = {factory.new_id() for _ in range(100)}
@@ -205,8 +205,9 @@ def test_shutdown_closes_with_1001(h):
 
 def test_shutdown_drain_bound(h):
     """shutdown gives up on peers that do not answer within the drain bound and drops them."""
-    a, b = h.connect(), h.connect()
-    stuck = h.pumps.pop(0)  # a's bytes no longer move
+    h.connect()
+    b = h.connect()
+    stuck = h.pumps.pop(0)  # the first client's bytes no longer move
     d = h.factory.shutdown(3)
     h.flush()
     assert b.closed_with[1] == 1001
