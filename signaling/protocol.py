@@ -124,7 +124,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         )
         self._strikes = 0
         self._busy = False
-        self._queue = deque()
+        self._queue = None  # made when an operation has to wait
         self._enqueue(self._join)
 
     def onMessage(self, payload, isBinary):
@@ -208,6 +208,8 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         now, or after the operations of this connection still in flight.
         """
         if self._busy:
+            if self._queue is None:
+                self._queue = deque()
             self._queue.append(operation)
             return
         self._busy = True

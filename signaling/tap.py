@@ -26,26 +26,30 @@ from signaling.web import SignalingWeb
 _DEFAULTS = Settings()
 
 
-def _positive(kind):
+def _number(kind, name, allow_zero):
+    """A coercer for a numeric option that names the option in its errors."""
+    noun = "a whole number" if kind is int else "a number"
+
     def convert(value):
-        number = kind(value)
-        if number <= 0:
-            raise ValueError(f"must be positive, got {value!r}")
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"--{name} must be {noun}, got {value!r}") from None
+        if number < 0 or (number == 0 and not allow_zero):
+            rule = "must not be negative" if allow_zero else "must be positive"
+            raise ValueError(f"--{name} {rule}, got {value!r}")
         return number
 
-    convert.coerceDoc = "Must be positive."
+    convert.coerceDoc = "0 disables it." if allow_zero else "Must be positive."
     return convert
 
 
-def _non_negative(kind):
-    def convert(value):
-        number = kind(value)
-        if number < 0:
-            raise ValueError(f"must not be negative, got {value!r}")
-        return number
+def _positive(kind, name):
+    return _number(kind, name, allow_zero=False)
 
-    convert.coerceDoc = "0 disables it."
-    return convert
+
+def _non_negative(kind, name):
+    return _number(kind, name, allow_zero=True)
 
 
 class Options(usage.Options):
@@ -63,27 +67,27 @@ class Options(usage.Options):
          "Endpoint for the WebSocket (any path), or 'none' to serve it only at /ws."],
         ["backlog", None, 1024,
          "Listen backlog added to endpoints that do not set backlog= themselves "
-         "(Twisted's default of 50 stalls bursts of connections).", _positive(int)],
+         "(Twisted's default of 50 stalls bursts of connections).", _positive(int, "backlog")],
         ["ping-interval", None, _DEFAULTS.ping_interval,
-         "Seconds between WebSocket pings to each peer (keepalive).", _non_negative(float)],
+         "Seconds between WebSocket pings to each peer (keepalive).", _non_negative(float, "ping-interval")],
         ["ping-timeout", None, _DEFAULTS.ping_timeout,
-         "Seconds to wait for a pong before the peer is dropped.", _non_negative(float)],
+         "Seconds to wait for a pong before the peer is dropped.", _non_negative(float, "ping-timeout")],
         ["handshake-timeout", None, _DEFAULTS.handshake_timeout,
-         "Seconds allowed for the WebSocket opening handshake.", _non_negative(float)],
+         "Seconds allowed for the WebSocket opening handshake.", _non_negative(float, "handshake-timeout")],
         ["max-message-size", None, _DEFAULTS.max_message_size,
          "Largest accepted message in bytes; larger ones close the socket with 1009.",
-         _positive(int)],
+         _positive(int, "max-message-size")],
         ["rate", None, _DEFAULTS.rate,
-         "Messages per second each peer may send on average.", _non_negative(float)],
+         "Messages per second each peer may send on average.", _non_negative(float, "rate")],
         ["burst", None, _DEFAULTS.burst,
-         "Messages a peer may send at once above the rate.", _positive(int)],
+         "Messages a peer may send at once above the rate.", _positive(int, "burst")],
         ["flood-strikes", None, _DEFAULTS.flood_strikes,
          "Consecutive rate-limited messages after which a peer is closed with 1008.",
-         _positive(int)],
+         _positive(int, "flood-strikes")],
         ["drain-timeout", None, _DEFAULTS.drain_timeout,
-         "Seconds to wait for WebSockets to close on shutdown.", _non_negative(float)],
+         "Seconds to wait for WebSockets to close on shutdown.", _non_negative(float, "drain-timeout")],
         ["summary-interval", None, 60.0,
-         "Seconds between summary log lines (users, pairs).", _non_negative(float)],
+         "Seconds between summary log lines (users, pairs).", _non_negative(float, "summary-interval")],
     ]
 
     def opt_version(self):

@@ -1,0 +1,101 @@
+"""Tier 2: options and service wiring (signaling.tap) against a MemoryReactor."""
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.web.server import Site
+
+from signaling.protocol import SignalingFactory
+from signaling.tap import Options, makeService, with_backlog
+
+
+def parse(*argv):
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults():
+    """Defaults: HTTP on tcp:3000, WebSocket on tcp:8080, backlog 1024, 256 KiB messages."""
+    o = parse()
+    assert (o["http"], o["ws"], o["backlog"]) == ("tcp:3000", "tcp:8080", 1024)
+    s = o.settings()
+    assert s.max_message_size == 262144
+    assert (s.ping_interval, s.ping_timeout, s.drain_timeout) == (20.0, 10.0, 5.0)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--max-message-size=65535"], "at least 65536"),
+        (["--backlog=0"], "--backlog must be positive"),
+        (["--ping-interval=-1"], "--ping-interval must not be negative"),
+        (["--rate=fast"], "--rate must be a number, got 'fast'"),
+        (["--burst=1.5"], "--burst must be a whole number"),
+        (["--http=none"], "--http cannot be 'none'"),
+        (["--ws="], "--ws must not be empty"),
+    ],
+)
+def test_bad_options(argv, needle):
+    """Bad option values are usage errors that say what is wrong."""
+    with pytest.raises(usage.UsageError) as e:
+        parse(*argv)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ("tcp:8080", "tcp:8080:backlog=1024"),
+        ("tcp:port=8080:interface=127.0.0.1", "tcp:port=8080:interface=127.0.0.1:backlog=1024"),
+        ("tcp6:8080", "tcp6:8080:backlog=1024"),
+        ("ssl:8443:privateKey=k.pem", "ssl:8443:privateKey=k.pem:backlog=1024"),
+        ("unix:/tmp/s.sock", "unix:/tmp/s.sock:backlog=1024"),
+        ("tcp:8080:backlog=10", "tcp:8080:backlog=10"),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_with_backlog(description, expected):
+    """The backlog is added to listening endpoints that take one and don't set it."""
+    assert with_backlog(description, 1024) == expected
+
+
+def test_make_service_listens_as_configured():
+    """makeService listens on both endpoints with the backlog and interface asked for."""
+    reactor = MemoryReactorClock()
+    service = makeService(
+        parse("--http=tcp:3001:interface=127.0.0.1", "--ws=tcp:8081", "--backlog=777"), reactor
+    )
+    service.startService()
+    assert [(port, backlog, interface) for port, _, backlog, interface in reactor.tcpServers] == [
+        (3001, 777, "127.0.0.1"),
+        (8081, 777, ""),
+    ]
+    http_factory, ws_factory = (f for _, f, _, _ in reactor.tcpServers)
+    assert isinstance(http_factory, Site)
+    assert isinstance(ws_factory, SignalingFactory)
+    assert ws_factory.registry is service.factory.registry
+    d = service.stopService()
+    assert d.called  # nobody connected: stopping is immediate
+
+
+def test_ws_none_serves_only_http():
+    """--ws=none listens on the HTTP endpoint only."""
+    reactor = MemoryReactorClock()
+    makeService(parse("--ws=none"), reactor).startService()
+    assert [port for port, *_ in reactor.tcpServers] == [3000]
+
+
+def test_summary_timer_uses_the_reactor_clock():
+    """The periodic summary runs on the given reactor's clock."""
+    from twisted.logger import capturedLogs
+
+    reactor = MemoryReactorClock()
+    service = makeService(parse("--summary-interval=30"), reactor)
+    with capturedLogs() as events:
+        service.startService()
+        reactor.advance(30)
+        reactor.advance(30)
+    summaries = [e for e in events if e.get("log_namespace") == "signaling.summary"]
+    assert len(summaries) == 3  # at start, then every 30 s
+    assert summaries[-1]["users"] == 0
