@@ -3,6 +3,7 @@ The HTTP side, a Klein app on the same reactor as the WebSocket server:
 
 - ``GET /api/stats``: who is connected, in the shape of the wire contract;
 - ``GET /test.html``: the interactive test page (package data);
+- ``GET /signaling.js``: the browser client module the page is built on;
 - ``GET /``: redirects to the test page;
 - ``/ws``: the WebSocket endpoint, for deployments that expose one port.
 """
@@ -57,6 +58,7 @@ class SignalingWeb:
         self.registry = registry
         self.ws_resource = ws_resource
         self.test_page = static_file("test.html")
+        self.client_module = static_file("signaling.js")
 
     @app.route("/api/stats", methods=["GET", "HEAD"])
     def stats(self, request):
@@ -73,9 +75,21 @@ class SignalingWeb:
         request.setHeader(b"Cache-Control", b"no-cache")
         return self.test_page
 
+    @app.route("/signaling.js", methods=["GET", "HEAD"])
+    def signaling_js(self, request):
+        request.setHeader(b"Content-Type", b"text/javascript; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        return self.client_module
+
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request):
         request.redirect(b"/test.html")
+        return b""
+
+    @app.route("/favicon.ico", methods=["GET", "HEAD"])
+    def favicon(self, request):
+        request.setResponseCode(204)  # none: keeps browsers' consoles quiet
         return b""
 
     @app.route("/ws", branch=False)

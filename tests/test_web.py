@@ -99,6 +99,32 @@ def test_test_page(setup):
     assert 'id="log"' in page and 'id="myId"' in page and 'id="peer"' in page
 
 
+def test_client_module(setup):
+    """/signaling.js is the browser client module, served as JavaScript."""
+    _, _, treq = setup
+    response, body = get(treq, "http://localhost/signaling.js")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["text/javascript; charset=utf-8"]
+    assert b"export class SignalingClient" in body and b"async call(peerId)" in body
+
+
+def test_test_page_uses_the_client_module(setup):
+    """The test page imports the client module and has the call and chat controls."""
+    _, _, treq = setup
+    _, body = get(treq, "http://localhost/test.html")
+    page = body.decode("utf-8")
+    assert 'from "./signaling.js"' in page
+    for control in ("call", "hangup", "chatInput", "chatSend", "pcState", "iceState", "copyId"):
+        assert f'id="{control}"' in page
+
+
+def test_favicon_is_empty(setup):
+    """/favicon.ico answers 204, so browsers log no error."""
+    _, _, treq = setup
+    response, body = get(treq, "http://localhost/favicon.ico")
+    assert (response.code, body) == (204, b"")
+
+
 def test_root_redirects_to_test_page(setup):
     """GET / redirects to /test.html."""
     _, _, treq = setup
