@@ -19,18 +19,22 @@ Registry operations may answer with a ``Deferred`` (see
 then run one after another, in the order their frames arrived.
 """
 
+import fnmatch
+import ipaddress
 from collections import deque
 from typing import Optional
 
 import attr
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from signaling import messages
 from signaling.limits import TokenBucket
 from signaling.registry import SignalingError
+from signaling.tokens import TokenError, verify_token
 
 #: close code sent to every peer when the server shuts down
 CLOSE_GOING_AWAY = 1001
@@ -64,6 +68,17 @@ class Settings:
     #: consecutive rate-limited messages after which the peer is closed (1008)
     flood_strikes: int = 100
     drain_timeout: float = 5.0
+    #: open (or opening) WebSockets allowed in total, and per client address
+    max_connections: int = 20000
+    max_connections_per_ip: int = 1000
+    #: bytes queued for a peer that does not read before it is dropped
+    max_outbound: int = 1024 * 1024
+    #: allowed Origin values (exact, or fnmatch patterns); empty: any
+    allowed_origins: tuple = ()
+    #: HMAC secret for access tokens; None: no token needed
+    token_secret: Optional[bytes] = attr.ib(default=None, repr=False)
+    #: networks of reverse proxies whose X-Forwarded-For is believed
+    trusted_proxies: tuple = ()
 
 
 class ClockTimer:
@@ -103,6 +118,60 @@ def _host(address) -> str:
     return host
 
 
+def _trusted(host: str, networks) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def client_address(peer: str, forwarded_for: Optional[str], trusted_proxies) -> str:
+    """
+    The client's address: the TCP peer, or, when the peer is a trusted
+    proxy, the nearest address in ``X-Forwarded-For`` that is not one.
+    """
+    if not trusted_proxies or not forwarded_for or not _trusted(peer, trusted_proxies):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted_proxies):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # garbage in the header: believe only the socket
+    return hops[0] if hops else peer
+
+
+def origin_allowed(origin: Optional[str], allowed) -> bool:
+    """Whether a browser's Origin may connect (no Origin header: not a browser, allowed)."""
+    if not allowed or origin is None:
+        return True
+    origin = origin.lower()
+    return any(fnmatch.fnmatchcase(origin, pattern.lower()) for pattern in allowed)
+
+
+def unsent_bytes(transport) -> int:
+    """
+    Bytes written to ``transport`` that the kernel has not taken yet.
+    (Reads Twisted's FileDescriptor buffer; looks through a TLS wrapper.)
+    """
+    for _ in range(3):
+        pending = getattr(transport, "_tempDataLen", None)
+        if pending is not None:
+            return len(transport.dataBuffer) - transport.offset + pending
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            break
+    return 0
+
+
+def _bearer(header: Optional[str]) -> Optional[str]:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
 class SignalingServerProtocol(WebSocketServerProtocol):
     """One browser peer."""
 
@@ -110,14 +179,52 @@ class SignalingServerProtocol(WebSocketServerProtocol):
 
     peer_id: Optional[str] = None
     ip: str = "?"
+    _counted = False
+    _fixed_id: Optional[str] = None
 
     def onConnect(self, request):
-        self.ip = _host(self.transport.getPeer())
+        """Admit or refuse the WebSocket handshake (HTTP status and reason on refusal)."""
+        factory = self.factory
+        settings = factory.settings
+        self.ip = client_address(
+            _host(self.transport.getPeer()),
+            request.headers.get("x-forwarded-for"),
+            settings.trusted_proxies,
+        )
+        if factory.shutting_down:
+            self._deny(503, "server shutting down")
+        if not origin_allowed(request.origin, settings.allowed_origins):
+            self._deny(403, "origin not allowed")
+        if settings.token_secret is not None:
+            token = (request.params.get("token") or [None])[0] or _bearer(
+                request.headers.get("authorization")
+            )
+            if not token:
+                self._deny(401, "access token required")
+            try:
+                claims = verify_token(settings.token_secret, token, factory.clock.seconds())
+            except TokenError as e:
+                self._deny(401, str(e))
+            fixed = claims.get("sub")
+            if fixed is not None and (fixed in factory.connections or fixed in factory.reserved):
+                self._deny(409, "that peer id is already connected")
+            self._fixed_id = fixed
+        if factory.admitted >= settings.max_connections:
+            self._deny(503, "server full")
+        if factory.per_ip.get(self.ip, 0) >= settings.max_connections_per_ip:
+            self._deny(429, "too many connections from your address")
+        factory.admit(self)
         return None
+
+    def _deny(self, status: int, reason: str):
+        self._log.info(
+            "refused connection from {ip}: {status} {reason}", ip=self.ip, status=status, reason=reason
+        )
+        raise ConnectionDeny(status, reason)
 
     def onOpen(self):
         factory = self.factory
-        self.peer_id = factory.new_id()
+        self.peer_id = self._fixed_id or factory.new_id()
         self.closed = Deferred()
         self._bucket = TokenBucket(
             factory.clock, factory.settings.rate, factory.settings.burst
@@ -166,6 +273,8 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         self._enqueue(lambda: self._process(message, len(payload)))
 
     def onClose(self, wasClean, code, reason):
+        if self._counted:
+            self.factory.release(self)
         if self.peer_id is None or not hasattr(self, "closed"):
             return  # the opening handshake never completed
         peer_id = self.peer_id
@@ -175,10 +284,24 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     # -- sending ------------------------------------------------------------
 
     def send(self, payload: bytes) -> bool:
-        """Send one JSON text frame if the socket is open; return whether it was sent."""
+        """
+        Send one JSON text frame if the socket is open; return whether it was
+        sent.  A peer that lets more than ``max_outbound`` bytes pile up
+        unread is dropped (and the frame counts as not sent).
+        """
         if self.state != _STATE_OPEN:
             return False
         self.sendMessage(payload, isBinary=False)
+        unsent = unsent_bytes(self.transport)
+        if unsent > self.factory.settings.max_outbound:
+            self._log.warn(
+                "peer {peer} ({ip}) dropped: not reading, {unsent} bytes unsent",
+                peer=self.peer_id,
+                ip=self.ip,
+                unsent=unsent,
+            )
+            self.dropConnection(abort=True)
+            return False
         return True
 
     def close(self, code: int, reason: str) -> None:
@@ -332,6 +455,9 @@ class SignalingFactory(WebSocketServerFactory):
         self.new_id = new_id
         self.connections = {}
         self.shutting_down = False
+        self.admitted = 0  # handshakes accepted and not yet closed
+        self.per_ip = {}  # address -> admitted connections from it
+        self.reserved = set()  # fixed peer ids (from tokens) of opening connections
         self._batched_timer = ClockTimer(clock)
         self.setProtocolOptions(
             maxMessagePayloadSize=settings.max_message_size,
@@ -345,6 +471,26 @@ class SignalingFactory(WebSocketServerFactory):
             # 1007 bad UTF-8, 1002 protocol error), not a bare TCP drop
             failByDrop=False,
         )
+
+    # -- admission ----------------------------------------------------------
+
+    def admit(self, proto: SignalingServerProtocol) -> None:
+        proto._counted = True
+        self.admitted += 1
+        self.per_ip[proto.ip] = self.per_ip.get(proto.ip, 0) + 1
+        if proto._fixed_id is not None:
+            self.reserved.add(proto._fixed_id)
+
+    def release(self, proto: SignalingServerProtocol) -> None:
+        proto._counted = False
+        self.admitted -= 1
+        left = self.per_ip[proto.ip] - 1
+        if left:
+            self.per_ip[proto.ip] = left
+        else:
+            del self.per_ip[proto.ip]
+        if proto._fixed_id is not None:
+            self.reserved.discard(proto._fixed_id)
 
     # -- membership ---------------------------------------------------------
 

@@ -8,6 +8,7 @@ drain bound, log a final summary) is :class:`SignalingService`'s
 ``stopService``.
 """
 
+import ipaddress
 import re
 
 from autobahn.twisted.resource import WebSocketResource
@@ -21,6 +22,7 @@ from twisted.web.server import Site
 from signaling import __version__
 from signaling.protocol import Settings, SignalingFactory
 from signaling.registry import Registry
+from signaling.tokens import read_secret
 from signaling.web import SignalingWeb
 
 _DEFAULTS = Settings()
@@ -88,7 +90,47 @@ class Options(usage.Options):
          "Seconds to wait for WebSockets to close on shutdown.", _non_negative(float, "drain-timeout")],
         ["summary-interval", None, 60.0,
          "Seconds between summary log lines (users, pairs).", _non_negative(float, "summary-interval")],
+        ["max-connections", None, _DEFAULTS.max_connections,
+         "WebSockets allowed at once in total; more are refused with HTTP 503.",
+         _positive(int, "max-connections")],
+        ["max-connections-per-ip", None, _DEFAULTS.max_connections_per_ip,
+         "WebSockets allowed at once from one client address; more get HTTP 429.",
+         _positive(int, "max-connections-per-ip")],
+        ["max-outbound-buffer", None, _DEFAULTS.max_outbound,
+         "Bytes that may wait unsent to a peer that does not read before it is dropped.",
+         _positive(int, "max-outbound-buffer")],
+        ["token-secret-file", None, None,
+         "File with the shared secret for access tokens; when set, WebSockets need a "
+         "valid token (?token= or Authorization: Bearer), else HTTP 401."],
+        ["stats-token-file", None, None,
+         "File with a bearer token that /api/stats then requires (else HTTP 401)."],
     ]
+    optFlags = [
+        ["stats-hide-ip", None, "Show null instead of client addresses in /api/stats."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["origins"] = []
+        self["trusted-proxies"] = []
+
+    def opt_origin(self, origin):
+        """
+        Allow browsers from this Origin (e.g. https://app.example.com; * and ?
+        wildcards work).  Repeatable; without it every origin is allowed.
+        Others are refused with HTTP 403.
+        """
+        self["origins"].append(origin.rstrip("/"))
+
+    def opt_trusted_proxy(self, network):
+        """
+        A reverse proxy (address or CIDR network) whose X-Forwarded-For
+        header gives the client address.  Repeatable.
+        """
+        try:
+            self["trusted-proxies"].append(ipaddress.ip_network(network, strict=False))
+        except ValueError:
+            raise usage.UsageError(f"--trusted-proxy: not an address or network: {network!r}") from None
 
     def opt_version(self):
         """Print the version and exit."""
@@ -105,6 +147,18 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must not be empty")
         if self["http"] == "none":
             raise usage.UsageError("--http cannot be 'none'")
+        self.token_secret = self._secret("token-secret-file")
+        stats_token = self._secret("stats-token-file")
+        self.stats_token = stats_token.decode("utf-8", "replace") if stats_token else None
+
+    def _secret(self, name):
+        path = self[name]
+        if path is None:
+            return None
+        try:
+            return read_secret(path)
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--{name}: {e}") from None
 
     def settings(self) -> Settings:
         return Settings(
@@ -116,6 +170,12 @@ class Options(usage.Options):
             burst=self["burst"],
             flood_strikes=self["flood-strikes"],
             drain_timeout=self["drain-timeout"],
+            max_connections=self["max-connections"],
+            max_connections_per_ip=self["max-connections-per-ip"],
+            max_outbound=self["max-outbound-buffer"],
+            allowed_origins=tuple(self["origins"]),
+            token_secret=self.token_secret,
+            trusted_proxies=tuple(self["trusted-proxies"]),
         )
 
 
@@ -228,8 +288,13 @@ def make_factory(options: Options, registry, reactor) -> SignalingFactory:
     return SignalingFactory(registry, options.settings(), reactor)
 
 
-def make_site(registry, factory) -> Site:
-    web = SignalingWeb(registry, WebSocketResource(factory))
+def make_site(options: Options, registry, factory) -> Site:
+    web = SignalingWeb(
+        registry,
+        WebSocketResource(factory),
+        stats_token=options.stats_token,
+        hide_ip=bool(options["stats-hide-ip"]),
+    )
     return Site(web.app.resource())
 
 
@@ -240,7 +305,7 @@ def makeService(options: Options, reactor=None) -> SignalingService:
     factory = make_factory(options, registry, reactor)
     service = SignalingService(factory, options["drain-timeout"], reactor)
     backlog = options["backlog"]
-    listeners = [("http", options["http"], make_site(registry, factory))]
+    listeners = [("http", options["http"], make_site(options, registry, factory))]
     if options["ws"] != "none":
         listeners.append(("ws", options["ws"], factory))
     for label, description, server_factory in listeners:

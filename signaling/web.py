@@ -8,6 +8,7 @@ The HTTP side, a Klein app on the same reactor as the WebSocket server:
 - ``/ws``: the WebSocket endpoint, for deployments that expose one port.
 """
 
+import hmac
 import json
 from datetime import datetime, timezone
 from importlib import resources
@@ -22,7 +23,7 @@ def iso_utc(seconds: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
 
 
-def stats_document(peers) -> dict:
+def stats_document(peers, hide_ip: bool = False) -> dict:
     """The ``/api/stats`` document for a list of :class:`~signaling.registry.Peer`."""
     return {
         "connectedUsers": len(peers),
@@ -32,7 +33,7 @@ def stats_document(peers) -> dict:
                 "state": p.state,
                 "targetUser": p.target,
                 "connectedAt": iso_utc(p.connected_at),
-                "ip": p.ip,
+                "ip": None if hide_ip else p.ip,
             }
             for p in sorted(peers, key=lambda p: p.connected_at)
         ],
@@ -50,13 +51,18 @@ class SignalingWeb:
     :param registry: an :class:`~signaling.registry.IRegistry` provider.
     :param ws_resource: the resource to serve at ``/ws`` (an Autobahn
         ``WebSocketResource``), or ``None``.
+    :param stats_token: if set, ``/api/stats`` requires
+        ``Authorization: Bearer <stats_token>``.
+    :param hide_ip: show ``null`` instead of client addresses in the stats.
     """
 
     app = Klein()
 
-    def __init__(self, registry, ws_resource=None):
+    def __init__(self, registry, ws_resource=None, stats_token=None, hide_ip=False):
         self.registry = registry
         self.ws_resource = ws_resource
+        self.stats_token = stats_token
+        self.hide_ip = hide_ip
         self.test_page = static_file("test.html")
         self.client_module = static_file("signaling.js")
 
@@ -65,9 +71,22 @@ class SignalingWeb:
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        if self.stats_token is not None and not self._authorized(request):
+            request.setResponseCode(401)
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="signaling stats"')
+            return json.dumps({"error": "a valid bearer token is required"}).encode("utf-8")
         d = maybeDeferred(self.registry.peers)
-        d.addCallback(lambda peers: json.dumps(stats_document(peers)).encode("utf-8"))
+        d.addCallback(
+            lambda peers: json.dumps(stats_document(peers, self.hide_ip)).encode("utf-8")
+        )
         return d
+
+    def _authorized(self, request) -> bool:
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("utf-8"), self.stats_token.encode("utf-8")
+        )
 
     @app.route("/test.html", methods=["GET", "HEAD"])
     def test_html(self, request):

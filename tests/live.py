@@ -34,8 +34,10 @@ def script(name):
 class ServerProcess:
     """One server process; ``http`` and ``ws`` are its base URLs once started."""
 
-    def __init__(self, *args, command="twistd", json_logs=False):
+    def __init__(self, *args, command="twistd", json_logs=False,
+                 http="tcp:0:interface=127.0.0.1", ws="tcp:0:interface=127.0.0.1"):
         self.args = list(args)
+        self.listen = [f"--http={http}", f"--ws={ws}"]
         self.command = command
         self.json_logs = json_logs
         self.lines = []
@@ -45,7 +47,7 @@ class ServerProcess:
         self.tmp = tempfile.TemporaryDirectory(prefix="signaling-test-")
 
     def argv(self):
-        listen = ["--http=tcp:0:interface=127.0.0.1", "--ws=tcp:0:interface=127.0.0.1"]
+        listen = self.listen
         if self.command == "twistd":
             return [script("twistd"), "-n", "--pidfile=", "signaling", *listen, *self.args]
         fmt = ["--log-format=json"] if self.json_logs else []

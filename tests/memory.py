@@ -59,13 +59,19 @@ class Harness:
         self.pumps = []
         self._ports = itertools.count(40000)
 
-    def connect(self, handshake=True):
-        """Open a connection; with ``handshake``, complete it and check the welcome."""
+    def connect(self, handshake=True, url="ws://127.0.0.1:8080/", origin=None, headers=None,
+                host="127.0.0.1"):
+        """
+        Open a connection from ``host``; with ``handshake``, complete it and
+        check the welcome.  ``origin`` and ``headers`` go into the request.
+        """
         port = next(self._ports)
-        client_address = IPv4Address("TCP", "127.0.0.1", port)
+        client_address = IPv4Address("TCP", host, port)
         server_address = IPv4Address("TCP", "127.0.0.1", 8080)
         server = self.factory.buildProtocol(client_address)
-        client_factory = WebSocketClientFactory("ws://127.0.0.1:8080/", reactor=self.clock)
+        client_factory = WebSocketClientFactory(
+            url, origin=origin, headers=headers, reactor=self.clock
+        )
         client_factory._batched_timer = ClockTimer(self.clock)
         client_factory.protocol = Client
         client_factory.setProtocolOptions(

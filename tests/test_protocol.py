@@ -218,9 +218,26 @@ def test_shutdown_drain_bound(h):
 
 
 def test_connection_during_shutdown_is_turned_away(h):
-    """A connection that completes its handshake after shutdown began is closed with 1001."""
+    """A handshake that arrives after shutdown began is refused and nothing is registered."""
     h.factory.shutdown(1)
+    with capturedLogs() as events:
+        a = h.connect(handshake=False)
+    assert a.closed_with is not None and a.received == []
+    assert len(h.registry) == 0 and h.factory.admitted == 0
+    assert any(e.get("status") == 503 for e in events)
+
+
+def test_handshake_completed_during_shutdown_is_closed_1001(h):
+    """A connection whose handshake was admitted just before shutdown is closed with 1001 on open."""
+    original = h.factory.join
+
+    def join_then_shutdown(proto):
+        h.factory.shutting_down = True
+        return original(proto)
+
+    h.factory.join = join_then_shutdown
     a = h.connect(handshake=False)
+    assert a.received == []
     assert a.closed_with[1] == 1001
 
 

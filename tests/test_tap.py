@@ -99,3 +99,47 @@ def test_summary_timer_uses_the_reactor_clock():
     summaries = [e for e in events if e.get("log_namespace") == "signaling.summary"]
     assert len(summaries) == 3  # at start, then every 30 s
     assert summaries[-1]["users"] == 0
+
+
+def test_security_options(tmp_path):
+    """Origins and trusted proxies repeat; secrets are read from files; all reach the settings."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"  0123456789abcdef0123  \n")
+    stats = tmp_path / "stats"
+    stats.write_bytes(b"stats-token-0123456789\n")
+    o = parse(
+        "--origin=https://a.example/", "--origin=https://*.b.example",
+        "--trusted-proxy=127.0.0.1", "--trusted-proxy=10.0.0.0/8",
+        f"--token-secret-file={secret}", f"--stats-token-file={stats}", "--stats-hide-ip",
+        "--max-connections=50", "--max-connections-per-ip=5", "--max-outbound-buffer=70000",
+    )
+    s = o.settings()
+    assert s.allowed_origins == ("https://a.example", "https://*.b.example")
+    assert [str(n) for n in s.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert s.token_secret == b"0123456789abcdef0123"
+    assert o.stats_token == "stats-token-0123456789"
+    assert (s.max_connections, s.max_connections_per_ip, s.max_outbound) == (50, 5, 70000)
+    assert o["stats-hide-ip"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--trusted-proxy=nope"], "not an address or network"),
+        (["--token-secret-file=/nonexistent/secret"], "--token-secret-file:"),
+        (["--max-connections=0"], "--max-connections must be positive"),
+    ],
+)
+def test_bad_security_options(argv, needle):
+    """Bad security options are usage errors naming the option."""
+    with pytest.raises(usage.UsageError) as e:
+        parse(*argv)
+    assert needle in str(e.value)
+
+
+def test_short_secret_refused(tmp_path):
+    """A token secret shorter than 16 bytes is refused."""
+    short = tmp_path / "short"
+    short.write_bytes(b"short")
+    with pytest.raises(usage.UsageError, match="at least 16 bytes"):
+        parse(f"--token-secret-file={short}")

@@ -152,3 +152,32 @@ def test_unknown_path_is_404(setup):
     _, _, treq = setup
     response, _ = get(treq, "http://localhost/nope")
     assert response.code == 404
+
+
+def test_stats_token_required():
+    """With a stats token, /api/stats answers 401 without it or with a wrong one, 200 with it."""
+    registry = Registry(Clock())
+    registry.add("u1", "127.0.0.1")
+    treq = StubTreq(SignalingWeb(registry, stats_token="s3cret-token").app.resource())
+    response, body = get(treq, "http://localhost/api/stats")
+    assert response.code == 401
+    assert response.headers.getRawHeaders("www-authenticate") == ['Bearer realm="signaling stats"']
+    assert json.loads(body) == {"error": "a valid bearer token is required"}
+    response, _ = get(treq, "http://localhost/api/stats", headers={"Authorization": "Bearer wrong"})
+    assert response.code == 401
+    response, body = get(
+        treq, "http://localhost/api/stats", headers={"Authorization": "Bearer s3cret-token"}
+    )
+    assert response.code == 200 and json.loads(body)["connectedUsers"] == 1
+
+
+def test_stats_hide_ip():
+    """With hide_ip the ip of every user is null; the rest of the shape is unchanged."""
+    registry = Registry(Clock())
+    registry.add("u1", "127.0.0.1")
+    treq = StubTreq(SignalingWeb(registry, hide_ip=True).app.resource())
+    _, body = get(treq, "http://localhost/api/stats")
+    [user] = json.loads(body)["users"]
+    assert user["ip"] is None and user["id"] == "u1" and set(user) == {
+        "id", "state", "targetUser", "connectedAt", "ip"
+    }

@@ -1,0 +1,119 @@
+"""
+Signed access tokens for the WebSocket (``--token-secret-file``).
+
+A token is ``<payload>.<signature>``: the payload is base64url JSON with an
+expiry (``exp``, POSIX seconds) and optionally the peer id the holder must
+use (``sub``); the signature is base64url HMAC-SHA256 of the payload with
+the shared secret.  Tokens are made by the application server that knows the
+secret, and checked by the signaling server at the WebSocket handshake.
+
+Make one from Python::
+
+    from signaling.tokens import make_token
+    token = make_token(secret, ttl=3600, peer_id="alice")
+
+or from the shell::
+
+    python -m signaling.tokens --secret-file /etc/signaling/secret --ttl 3600 [--peer-id alice]
+
+Browsers pass it in the URL: ``ws://host:8080/?token=<token>``; other clients
+may send ``Authorization: Bearer <token>`` instead.
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import re
+import sys
+import time
+from typing import Optional
+
+#: what a fixed peer id may look like
+PEER_ID = re.compile(r"[A-Za-z0-9._~:@+=-]{1,128}")
+
+
+class TokenError(Exception):
+    """The token is not acceptable; the message says why."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _sign(secret: bytes, payload: str) -> str:
+    return _b64(hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest())
+
+
+def make_token(secret: bytes, ttl: float, peer_id: Optional[str] = None, now: Optional[float] = None) -> str:
+    """Make a token valid for ``ttl`` seconds, optionally fixing the holder's peer id."""
+    if not secret:
+        raise ValueError("the secret must not be empty")
+    if peer_id is not None and not PEER_ID.fullmatch(peer_id):
+        raise ValueError("a peer id is 1 to 128 characters of A-Z a-z 0-9 . _ ~ : @ + = -")
+    claims = {"exp": int((time.time() if now is None else now) + ttl)}
+    if peer_id is not None:
+        claims["sub"] = peer_id
+    payload = _b64(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
+    return f"{payload}.{_sign(secret, payload)}"
+
+
+def verify_token(secret: bytes, token: str, now: float) -> dict:
+    """
+    Check a token's signature and expiry; return its claims.
+
+    :raises TokenError: saying what is wrong.
+    """
+    if not token or len(token) > 2048:
+        raise TokenError("missing or oversized token")
+    payload, dot, signature = token.partition(".")
+    if not dot or not payload or not signature:
+        raise TokenError("malformed token")
+    if not hmac.compare_digest(_sign(secret, payload), signature):
+        raise TokenError("bad token signature")
+    try:
+        claims = json.loads(_unb64(payload))
+    except ValueError:
+        raise TokenError("malformed token payload") from None
+    if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int):
+        raise TokenError("token has no expiry")
+    if claims["exp"] <= now:
+        raise TokenError("token expired")
+    sub = claims.get("sub")
+    if sub is not None and not (isinstance(sub, str) and PEER_ID.fullmatch(sub)):
+        raise TokenError("token has an invalid peer id")
+    return claims
+
+
+def read_secret(path: str) -> bytes:
+    """Read a secret file (surrounding whitespace ignored); refuse short secrets."""
+    with open(path, "rb") as f:
+        secret = f.read().strip()
+    if len(secret) < 16:
+        raise ValueError(f"{path}: the secret must be at least 16 bytes")
+    return secret
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m signaling.tokens", description="Make a signed access token."
+    )
+    parser.add_argument("--secret-file", required=True, help="file holding the shared secret")
+    parser.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid (3600)")
+    parser.add_argument("--peer-id", help="fix the peer id the holder gets")
+    args = parser.parse_args(argv)
+    try:
+        print(make_token(read_secret(args.secret_file), args.ttl, args.peer_id))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
