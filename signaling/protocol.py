@@ -247,6 +247,10 @@ class SignalingServerProtocol(WebSocketServerProtocol):
                     strikes=self._strikes,
                 )
                 self.close(CLOSE_POLICY_VIOLATION, "message rate limit exceeded")
+                # Read nothing more from it: the close handshake then ends
+                # by timeout (close_timeout) instead of by parsing the rest
+                # of its flood.
+                self.transport.pauseProducing()
             else:
                 self._error(
                     "rate-limited",

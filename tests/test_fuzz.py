@@ -1,0 +1,71 @@
+"""
+Tier 3: a short fuzz run against the installed server (the long one is
+bench/fuzz.py): random and mutated messages, and garbage at the frame level.
+The server must answer every bad input as documented, never crash, keep
+serving well-behaved peers, and afterwards hold only the live peers.
+"""
+
+import asyncio
+
+import pytest
+from fuzzing import FRAME_CASES, frame_fuzz, json_fuzz
+from live import ServerProcess, connect, recv, send, sync
+
+
+@pytest.fixture(scope="module")
+def fuzz_server():
+    proc = ServerProcess("--rate=0", "--max-message-size=65536").start()
+    yield proc
+    proc.stop()
+
+
+async def healthy_pair(server):
+    a = await connect(server.ws)
+    b = await connect(server.ws)
+    await send(a, {"type": "ping", "to": b.peer_id})
+    await recv(b)
+    await send(b, {"type": "pong", "to": a.peer_id})
+    await recv(a)
+    return a, b
+
+
+async def still_relaying(a, b):
+    await send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": "v=0"}})
+    assert await recv(b) == {"type": "offer", "from": a.peer_id, "data": {"sdp": "v=0"}}
+    assert await sync(a) == [] and await sync(b) == []
+
+
+def test_json_fuzz_short(fuzz_server):
+    """5,000 random and mutated JSON messages get only documented answers; a healthy pair keeps relaying."""
+
+    async def go():
+        a, b = await healthy_pair(fuzz_server)
+        counts = await json_fuzz(fuzz_server.ws, messages=5000, connections=10, seed=1)
+        assert counts["sent"] == 5000
+        assert counts["errors"] > 1000 and counts["relayed"] > 100, counts
+        await still_relaying(a, b)
+        users = fuzz_server.users()
+        assert set(users) == {a.peer_id, b.peer_id}
+        assert users[a.peer_id]["state"] == "connected"
+        await a.close()
+        await b.close()
+
+    asyncio.run(asyncio.wait_for(go(), 300))
+
+
+def test_frame_fuzz_short(fuzz_server):
+    """Bad opcodes, reserved bits, bad UTF-8, truncated frames, huge lengths, half-open TCP and garbage are answered as documented."""
+
+    async def go():
+        a, b = await healthy_pair(fuzz_server)
+        results = await frame_fuzz("127.0.0.1", fuzz_server.ports["ws"], rounds=2, garbage=40, seed=2)
+        assert set(results) == {name for name, _, _ in FRAME_CASES}
+        await still_relaying(a, b)
+        assert set(fuzz_server.users()) == {a.peer_id, b.peer_id}
+        await a.close()
+        await b.close()
+
+    asyncio.run(asyncio.wait_for(go(), 300))
+    assert fuzz_server.stats()["connectedUsers"] == 0
+    assert "Traceback" not in fuzz_server.output()
+    assert "Unhandled" not in fuzz_server.output()
