@@ -99,7 +99,6 @@ async def json_fuzz(url, messages, connections=20, seed=0):
     aimed at each other's ids.  Returns counts; raises Violation on any
     undocumented answer.
     """
-    rng = random.Random(seed)
     sockets = []
     for _ in range(connections):
         ws = await websockets.connect(url, max_size=None, ping_interval=None)

@@ -54,7 +54,7 @@ def test_json_fuzz_short(fuzz_server):
 
 
 def test_frame_fuzz_short(fuzz_server):
-    """Bad opcodes, reserved bits, bad UTF-8, truncated frames, huge lengths, half-open TCP and garbage are answered as documented."""
+    """Bad opcodes and bits, bad UTF-8, truncated or huge frames, half-open TCP and garbage get documented answers."""
 
     async def go():
         a, b = await healthy_pair(fuzz_server)
