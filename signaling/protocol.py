@@ -33,7 +33,7 @@ from twisted.logger import Logger
 
 from signaling import messages
 from signaling.limits import TokenBucket
-from signaling.registry import SignalingError
+from signaling.registry import PeerIdTaken, SignalingError
 from signaling.tokens import TokenError, verify_token
 
 #: close code sent to every peer when the server shuts down
@@ -225,6 +225,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     def onOpen(self):
         factory = self.factory
         self.peer_id = self._fixed_id or factory.new_id()
+        self.connected_at = factory.clock.seconds()
         self.closed = Deferred()
         self._bucket = TokenBucket(
             factory.clock, factory.settings.rate, factory.settings.burst
@@ -369,7 +370,30 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             self._busy = False
 
     def _join(self):
-        return _then(self.factory.join(self), self._welcome)
+        result = self.factory.join(self)
+        if isinstance(result, Deferred):
+            return result.addCallbacks(self._welcome, self._join_failed)
+        return self._welcome(result)
+
+    def _join_failed(self, failure):
+        if failure.check(SignalingError):
+            # the shared registry is unreachable: serve the peer anyway; it
+            # is registered when the registry comes back
+            self._log.warn("peer {peer} welcomed unregistered: {why}", peer=self.peer_id,
+                           why=failure.value.message)
+            return self._welcome(None)
+        if not failure.check(PeerIdTaken):
+            self._log.failure("registering peer {peer} failed", failure, peer=self.peer_id)
+            self.close(1011, "internal error")
+            return None
+        self._log.warn("peer {peer} refused: id already connected elsewhere", peer=self.peer_id)
+        # never registered: forget it here so that closing removes nothing
+        # (the id belongs to a peer elsewhere in the cluster)
+        if self.factory.connections.get(self.peer_id) is self:
+            del self.factory.connections[self.peer_id]
+        self.peer_id = None
+        self.close(CLOSE_POLICY_VIOLATION, "peer id already connected")
+        return None
 
     def _welcome(self, _):
         if self.factory.shutting_down:
@@ -391,8 +415,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
                 callbackArgs=(message, size),
                 errbackArgs=(message,),
             )
-        self._relay(result, message, size)
-        return None
+        return self._relay(result, message, size)
 
     def _refused(self, failure, message: messages.Message) -> None:
         error = failure.check(SignalingError)
@@ -403,11 +426,17 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             e = failure.value
             self._error(e.code, e.message, message.type)
 
-    def _relay(self, transitions, message: messages.Message, size: int) -> None:
+    def _relay(self, transitions, message: messages.Message, size: int):
         sender = self.peer_id
         self.factory.log_transitions(transitions)
         payload = messages.encode(messages.relay(message.type, sender, message.data))
-        if not self.factory.deliver(message.to, payload):
+        return _then(
+            self.factory.deliver(message.to, payload),
+            lambda delivered: self._relayed(delivered, message, sender, size),
+        )
+
+    def _relayed(self, delivered, message: messages.Message, sender: str, size: int) -> None:
+        if not delivered:
             self._error(
                 "peer-not-found",
                 "that peer is going away; the message was not delivered",
@@ -516,23 +545,50 @@ class SignalingFactory(WebSocketServerFactory):
         )
         result = _then(self.registry.remove(peer_id), lambda t: self._left(peer_id, t))
         if isinstance(result, Deferred):
+            result.addErrback(
+                lambda f: self._log.warn("peer {peer} not removed from the registry: {why}",
+                                         peer=peer_id, why=f.getErrorMessage())
+            )
             return result.addBoth(lambda r: _fire(proto.closed) or r)
         _fire(proto.closed)
         return None
 
-    def _left(self, gone: str, transitions) -> None:
+    def _left(self, gone: str, transitions):
         self.log_transitions(transitions)
         payload = messages.encode(messages.peer_left(gone))
+        pending = []
         for t in transitions:
-            if self.deliver(t.peer, payload):
-                self._log.info("peer_left {gone} -> {to}", gone=gone, to=t.peer)
+            result = _then(self.deliver(t.peer, payload), lambda ok, to=t.peer: self._told(ok, gone, to))
+            if isinstance(result, Deferred):
+                pending.append(result)
+        return DeferredList(pending) if pending else None
+
+    def _told(self, delivered, gone: str, to: str) -> None:
+        if delivered:
+            self._log.info("peer_left {gone} -> {to}", gone=gone, to=to)
 
     # -- delivery -----------------------------------------------------------
 
-    def deliver(self, to: str, payload: bytes) -> bool:
-        """Send ``payload`` to the peer ``to``; return False if it is not here or not open."""
+    def deliver(self, to: str, payload: bytes):
+        """
+        Send ``payload`` to the peer ``to``: directly if it is connected
+        here, else through the registry's ``route`` (other nodes), if it has
+        one.  Returns whether it was delivered (or a Deferred firing with it).
+        """
+        proto = self.connections.get(to)
+        if proto is not None:
+            return proto.send(payload)
+        route = getattr(self.registry, "route", None)
+        return False if route is None else route(to, payload)
+
+    def deliver_local(self, to: str, payload: bytes) -> bool:
+        """Send ``payload`` to ``to`` if it is connected to this process."""
         proto = self.connections.get(to)
         return proto is not None and proto.send(payload)
+
+    def local_peers(self):
+        """(id, ip, connected_at) of every open connection of this process."""
+        return [(p.peer_id, p.ip, p.connected_at) for p in list(self.connections.values())]
 
     def log_transitions(self, transitions) -> None:
         for t in transitions:

@@ -77,6 +77,10 @@ class InvalidState(SignalingError):
     code = "invalid-state"
 
 
+class PeerIdTaken(Exception):
+    """A peer with that id is already registered (e.g. on another node)."""
+
+
 class Transition(NamedTuple):
     """One user's state change: ``peer`` went from ``old`` to ``new`` (now pointing at ``target``)."""
 
@@ -89,14 +93,16 @@ class Transition(NamedTuple):
 class Peer:
     """One connected user, as the registry sees it."""
 
-    __slots__ = ("id", "ip", "connected_at", "state", "target")
+    __slots__ = ("id", "ip", "connected_at", "state", "target", "node")
 
-    def __init__(self, peer_id: str, ip: str, connected_at: float):
+    def __init__(self, peer_id: str, ip: str, connected_at: float, node: Optional[str] = None):
         self.id = peer_id
         self.ip = ip
         self.connected_at = connected_at
         self.state = IDLE
         self.target: Optional[str] = None
+        #: the server process it is connected to (shared registries only)
+        self.node = node
 
     def __repr__(self) -> str:
         return f"<Peer {self.id} {self.state} -> {self.target}>"
@@ -169,7 +175,7 @@ class Registry:
 
     def add(self, peer_id: str, ip: str) -> Peer:
         if peer_id in self._peers:
-            raise ValueError(f"duplicate peer id {peer_id!r}")
+            raise PeerIdTaken(peer_id)
         peer = Peer(peer_id, ip, self._clock.seconds())
         self._peers[peer_id] = peer
         return peer

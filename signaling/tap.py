@@ -14,6 +14,7 @@ import re
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -104,6 +105,14 @@ class Options(usage.Options):
          "valid token (?token= or Authorization: Bearer), else HTTP 401."],
         ["stats-token-file", None, None,
          "File with a bearer token that /api/stats then requires (else HTTP 401)."],
+        ["redis", None, None,
+         "redis://host:port/db: share peers with other nodes through Redis "
+         "(default: this process only)."],
+        ["node-id", None, None, "This node's id in Redis mode (default: host-pid-time)."],
+        ["node-timeout", None, 10.0,
+         "Redis mode: seconds without a heartbeat after which a node's peers are removed.",
+         _positive(float, "node-timeout")],
+        ["redis-prefix", None, "signaling:", "Redis mode: prefix of every key and channel."],
     ]
     optFlags = [
         ["stats-hide-ip", None, "Show null instead of client addresses in /api/stats."],
@@ -147,6 +156,13 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must not be empty")
         if self["http"] == "none":
             raise usage.UsageError("--http cannot be 'none'")
+        if self["redis"] is not None:
+            from signaling.redis_registry import parse_url
+
+            try:
+                parse_url(self["redis"])
+            except ValueError as e:
+                raise usage.UsageError(f"--redis: {e}") from None
         self.token_secret = self._secret("token-secret-file")
         stats_token = self._secret("stats-token-file")
         self.stats_token = stats_token.decode("utf-8", "replace") if stats_token else None
@@ -241,13 +257,17 @@ class SignalingService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, factory: SignalingFactory, drain_timeout: float, reactor):
+    def __init__(self, factory: SignalingFactory, drain_timeout: float, reactor, backend=None):
         super().__init__()
         self.factory = factory
         self.drain_timeout = drain_timeout
         self.reactor = reactor
+        #: a service the registry needs (Redis connections): started first, stopped last
+        self.backend = backend
 
     def startService(self):
+        if self.backend is not None:
+            self.backend.startService()
         super().startService()
         # twistd starts services before the reactor runs and installs its
         # signal handlers; "ready" is logged once both are done.
@@ -260,14 +280,16 @@ class SignalingService(MultiService):
         d = super().stopService()
         d.addCallback(lambda _: self.factory.shutdown(self.drain_timeout))
         d.addCallback(self._stopped)
+        if self.backend is not None:
+            d.addCallback(lambda _: self.backend.stopService())
         return d
 
     def _stopped(self, closed):
-        summary = self.factory.registry.summary()
+        local = sum(1 for p in self.factory.connections.values())
         self._log.info(
             "stopped: closed {closed} connections; {users} users left in the registry",
             closed=closed,
-            users=summary["users"],
+            users=local,
         )
 
 
@@ -276,12 +298,16 @@ _summary_log = Logger(namespace="signaling.summary")
 
 def log_summary(registry):
     """Log one line of who is connected."""
-    s = registry.summary()
-    _summary_log.info(
-        "summary: {users} users ({idle} idle, {connecting} connecting, "
-        "{connected} connected), {pairs} pairs",
-        **s,
-    )
+
+    def log(s):
+        _summary_log.info(
+            "summary: {users} users ({idle} idle, {connecting} connecting, "
+            "{connected} connected), {pairs} pairs",
+            **s,
+        )
+
+    d = maybeDeferred(registry.summary)
+    d.addCallbacks(log, lambda f: _summary_log.warn("summary unavailable: {e}", e=f.getErrorMessage()))
 
 
 def make_factory(options: Options, registry, reactor) -> SignalingFactory:
@@ -298,12 +324,28 @@ def make_site(options: Options, registry, factory) -> Site:
     return Site(web.app.resource())
 
 
+def make_registry(options: Options, reactor):
+    """The in-memory registry, or the Redis one (also a service) with --redis."""
+    if options["redis"] is None:
+        return Registry(reactor), None
+    from signaling.redis_registry import RedisRegistry, default_node_id
+
+    registry = RedisRegistry(
+        options["redis"], options["node-id"] or default_node_id(), reactor,
+        node_timeout=options["node-timeout"], prefix=options["redis-prefix"],
+    )
+    return registry, registry
+
+
 def makeService(options: Options, reactor=None) -> SignalingService:
     if reactor is None:
         from twisted.internet import reactor
-    registry = Registry(reactor)
+    registry, backend = make_registry(options, reactor)
     factory = make_factory(options, registry, reactor)
-    service = SignalingService(factory, options["drain-timeout"], reactor)
+    if backend is not None:
+        registry.deliver_local = factory.deliver_local
+        registry.local_peers = factory.local_peers
+    service = SignalingService(factory, options["drain-timeout"], reactor, backend)
     backlog = options["backlog"]
     listeners = [("http", options["http"], make_site(options, registry, factory))]
     if options["ws"] != "none":

@@ -25,19 +25,20 @@ def iso_utc(seconds: float) -> str:
 
 def stats_document(peers, hide_ip: bool = False) -> dict:
     """The ``/api/stats`` document for a list of :class:`~signaling.registry.Peer`."""
-    return {
-        "connectedUsers": len(peers),
-        "users": [
-            {
-                "id": p.id,
-                "state": p.state,
-                "targetUser": p.target,
-                "connectedAt": iso_utc(p.connected_at),
-                "ip": None if hide_ip else p.ip,
-            }
-            for p in sorted(peers, key=lambda p: p.connected_at)
-        ],
-    }
+    users = []
+    for p in sorted(peers, key=lambda p: p.connected_at):
+        user = {
+            "id": p.id,
+            "state": p.state,
+            "targetUser": p.target,
+            "connectedAt": iso_utc(p.connected_at),
+            "ip": None if hide_ip else p.ip,
+        }
+        node = getattr(p, "node", None)
+        if node is not None:
+            user["node"] = node
+        users.append(user)
+    return {"connectedUsers": len(users), "users": users}
 
 
 def static_file(name: str) -> bytes:
@@ -79,7 +80,12 @@ class SignalingWeb:
         d.addCallback(
             lambda peers: json.dumps(stats_document(peers, self.hide_ip)).encode("utf-8")
         )
+        d.addErrback(self._unavailable, request)
         return d
+
+    def _unavailable(self, failure, request):
+        request.setResponseCode(503)
+        return json.dumps({"error": "stats unavailable: " + failure.getErrorMessage()}).encode("utf-8")
 
     def _authorized(self, request) -> bool:
         header = (request.getHeader(b"authorization") or b"").decode("latin-1")
@@ -87,6 +93,19 @@ class SignalingWeb:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode("utf-8"), self.stats_token.encode("utf-8")
         )
+
+    @app.route("/api/health", methods=["GET", "HEAD"])
+    def health(self, request):
+        """200 and ``"status": "ok"`` when the registry is usable, else 503 and ``"degraded"``."""
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        health = getattr(self.registry, "health", None)
+        doc = health() if health is not None else {"registry": "memory"}
+        ok = doc.get("redis", "connected") == "connected"
+        doc = {"status": "ok" if ok else "degraded", **doc}
+        if not ok:
+            request.setResponseCode(503)
+        return json.dumps(doc).encode("utf-8")
 
     @app.route("/test.html", methods=["GET", "HEAD"])
     def test_html(self, request):

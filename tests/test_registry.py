@@ -10,6 +10,7 @@ from signaling.registry import (
     InvalidState,
     IRegistry,
     PeerBusy,
+    PeerIdTaken,
     PeerNotFound,
     Registry,
     Transition,
@@ -53,8 +54,8 @@ def test_add_records_address_and_clock_time(reg):
 
 
 def test_duplicate_id_refused(reg):
-    """Adding an id twice is a bug and raises."""
-    with pytest.raises(ValueError):
+    """Adding an id that is already registered raises PeerIdTaken."""
+    with pytest.raises(PeerIdTaken):
         reg.add("a", "127.0.0.1")
 
 

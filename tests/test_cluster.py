@@ -1,0 +1,245 @@
+"""
+Tier 3: several nodes acting as one server through a real Redis: the
+installed server started twice or three times with --redis, peers on
+different nodes, races, a node killed with SIGKILL, Redis restarted.
+"""
+
+import asyncio
+import json
+import signal
+import urllib.error
+import urllib.request
+
+import pytest
+from live import ServerProcess, closed_code, connect, recv, send, sync
+from redis_server import RedisServer
+
+NODE_TIMEOUT = "2"
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def start_node(redis, name):
+    return ServerProcess(f"--redis={redis.url}", f"--node-id={name}", f"--node-timeout={NODE_TIMEOUT}").start()
+
+
+@pytest.fixture
+def cluster():
+    redis = RedisServer().start()
+    nodes = []
+    try:
+        nodes.extend(start_node(redis, f"n{i}") for i in (1, 2))
+        for node in nodes:
+            node.wait_for_line(r"redis: connected")
+        yield redis, nodes
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.cleanup()
+
+
+def users(node):
+    return node.users()
+
+
+def assert_consistent(all_users):
+    """Partners are symmetric and no targetUser dangles."""
+    for user in all_users.values():
+        if user["state"] == "idle":
+            assert user["targetUser"] is None
+        else:
+            assert user["targetUser"] in all_users, user
+        if user["state"] == "connected":
+            partner = all_users[user["targetUser"]]
+            assert partner["state"] == "connected" and partner["targetUser"] == user["id"], (user, partner)
+
+
+async def pair(a, b):
+    await send(a, {"type": "ping", "to": b.peer_id})
+    assert (await recv(b))["type"] == "ping"
+    await send(b, {"type": "pong", "to": a.peer_id})
+    assert (await recv(a))["type"] == "pong"
+
+
+def test_contract_across_nodes(cluster):
+    """Peers on different nodes pair, relay every type, get errors, disconnect and see peer_left; stats agree."""
+    _, (n1, n2) = cluster
+
+    async def go():
+        a = await connect(n1.ws)
+        b = await connect(n2.ws_on_http)
+        c = await connect(n2.ws)
+        A, B = a.peer_id, b.peer_id
+        await send(a, {"type": "offer", "to": B, "data": {}})
+        assert (await recv(a))["code"] == "invalid-state"
+        await pair(a, b)
+        s1, s2 = users(n1), users(n2)
+        assert s1 == s2
+        assert (s1[A]["node"], s1[B]["node"], s1[c.peer_id]["node"]) == ("n1", "n2", "n2")
+        assert (s1[A]["state"], s1[A]["targetUser"]) == ("connected", B)
+        sdp = "v=0\r\ns=ünï 漢字\r\n"
+        for kind, x, y in [("offer", a, b), ("answer", b, a), ("ice-candidate", a, b), ("ice-candidate", b, a)]:
+            data = {"sdp": sdp, "kind": kind}
+            await send(x, {"type": kind, "to": y.peer_id, "data": data})
+            assert await recv(y) == {"type": kind, "from": x.peer_id, "data": data}
+        await send(c, {"type": "ping", "to": A})
+        assert (await recv(c))["code"] == "peer-busy"
+        await send(c, {"type": "ping", "to": "nobody"})
+        assert (await recv(c))["code"] == "peer-not-found"
+        await send(b, {"type": "disconnect", "to": A, "data": {"reason": "bye"}})
+        assert await recv(a) == {"type": "disconnect", "from": B, "data": {"reason": "bye"}}
+        assert users(n2)[A]["state"] == "idle"
+        await pair(c, a)  # c on n2 pairs with a on n1
+        gone = a.peer_id
+        await a.close()
+        assert await recv(c) == {"type": "disconnect", "from": gone, "data": {"reason": "peer_left"}}
+        for node in (n1, n2):
+            assert gone not in users(node)
+            assert users(node)[c.peer_id]["state"] == "idle"
+        assert await sync(b) == []
+        await b.close()
+        await c.close()
+        assert n1.stats()["connectedUsers"] == n2.stats()["connectedUsers"] == 0
+
+    run(go())
+
+
+def test_races_stay_consistent(cluster):
+    """Crossing pings, two pingers for one peer, and a disconnect crossing a pong never leave an inconsistent pair."""
+    _, (n1, n2) = cluster
+
+    async def go():
+        for round_ in range(15):
+            a = await connect(n1.ws)
+            b = await connect(n2.ws)
+            c = await connect(n1.ws)
+            # crossing pings, then both pong at once
+            await asyncio.gather(send(a, {"type": "ping", "to": b.peer_id}), send(b, {"type": "ping", "to": a.peer_id}))
+            await asyncio.gather(recv(a), recv(b))
+            await asyncio.gather(send(a, {"type": "pong", "to": b.peer_id}), send(b, {"type": "pong", "to": a.peer_id}))
+            everyone = users(n1)
+            assert everyone[a.peer_id]["state"] == everyone[b.peer_id]["state"] == "connected"
+            assert_consistent(everyone)
+            # a disconnect crossing a pong; c and a race to ping b
+            await send(a, {"type": "disconnect", "to": b.peer_id})
+            await asyncio.gather(send(c, {"type": "ping", "to": b.peer_id}), send(a, {"type": "ping", "to": b.peer_id}))
+            await asyncio.gather(
+                send(b, {"type": "pong", "to": a.peer_id}), send(a, {"type": "disconnect", "to": b.peer_id}),
+                send(b, {"type": "pong", "to": c.peer_id}),
+            )
+            for ws in (a, b, c):
+                await sync(ws)
+            everyone = users(n2)
+            assert_consistent(everyone)
+            assert users(n1) == everyone
+            connected = [u for u in everyone.values() if u["state"] == "connected"]
+            assert len(connected) in (0, 2)
+            for ws in (a, b, c):
+                await ws.close()
+        assert n1.stats()["connectedUsers"] == 0
+
+    run(go())
+
+
+def test_killed_node_is_removed_and_partners_told(cluster):
+    """A node killed with SIGKILL has its peers removed within the node timeout; partners elsewhere get peer_left."""
+    redis, (n1, n2) = cluster
+    n3 = start_node(redis, "n3")
+    try:
+        n3.wait_for_line(r"redis: connected")
+
+        async def go():
+            a = await connect(n1.ws)
+            doomed = await connect(n3.ws)
+            lonely = await connect(n3.ws)
+            watcher = await connect(n2.ws)
+            await pair(a, doomed)
+            await send(watcher, {"type": "ping", "to": lonely.peer_id})
+            await recv(lonely)
+            assert set(users(n2)) == {a.peer_id, doomed.peer_id, lonely.peer_id, watcher.peer_id}
+            n3.proc.send_signal(signal.SIGKILL)
+            n3.wait()
+            left_a = await recv(a)  # waits: removal comes within the node timeout
+            left_w = await recv(watcher)
+            assert left_a == {"type": "disconnect", "from": doomed.peer_id, "data": {"reason": "peer_left"}}
+            assert left_w == {"type": "disconnect", "from": lonely.peer_id, "data": {"reason": "peer_left"}}
+            for node in (n1, n2):
+                assert set(users(node)) == {a.peer_id, watcher.peer_id}
+                assert users(node)[a.peer_id]["state"] == "idle"
+            doomed.transport.abort()
+            lonely.transport.abort()
+            await a.close()
+            await watcher.close()
+
+        run(go())
+    finally:
+        n3.stop()
+
+
+def health(node):
+    try:
+        with urllib.request.urlopen(node.http + "/api/health", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_redis_restart(cluster):
+    """With Redis gone, nodes stay up, report it, and refuse to claim delivery; when it returns, signalling resumes."""
+    redis, (n1, n2) = cluster
+
+    async def go():
+        a = await connect(n1.ws)
+        b = await connect(n2.ws)
+        await pair(a, b)
+        status, doc = health(n1)
+        assert status == 200
+        assert (doc["status"], doc["registry"], doc["redis"], doc["node"]) == ("ok", "redis", "connected", "n1")
+
+        redis.stop()
+        n1.wait_for_line(r"redis: connection lost")
+        n2.wait_for_line(r"redis: connection lost")
+        status, doc = health(n1)
+        assert status == 503 and doc["status"] == "degraded" and doc["redis"] == "disconnected"
+        await send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": "lost?"}})
+        err = await recv(a)
+        assert (err["type"], err["code"], err["ref"]) == ("error", "unavailable", "offer")
+        # a newcomer is still welcomed while Redis is away
+        c = await connect(n1.ws)
+
+        redis.start()
+        n1.wait_for_line(r"redis: connected; node n1 re-registered 2 peers")
+        n2.wait_for_line(r"redis: connected; node n2 re-registered 1 peers")
+        assert health(n2)[0] == 200
+        everyone = users(n1)
+        assert set(everyone) == {a.peer_id, b.peer_id, c.peer_id}
+        assert users(n2) == everyone
+        assert all(u["state"] == "idle" for u in everyone.values())  # Redis lost the pairing state
+        # signalling resumes across nodes without restarting them
+        await pair(c, b)
+        await send(b, {"type": "offer", "to": c.peer_id, "data": {"sdp": "back"}})
+        assert (await recv(c))["data"] == {"sdp": "back"}
+        for ws in (a, b, c):
+            await ws.close()
+
+    run(go())
+
+
+def test_node_shutdown_in_cluster_mode(cluster):
+    """SIGTERM on one node closes its peers with 1001 and tells partners on other nodes peer_left."""
+    _, (n1, n2) = cluster
+
+    async def go():
+        a = await connect(n1.ws)
+        b = await connect(n2.ws)
+        await pair(a, b)
+        n1.signal(signal.SIGTERM)
+        assert await closed_code(a) == 1001
+        assert await recv(b) == {"type": "disconnect", "from": a.peer_id, "data": {"reason": "peer_left"}}
+        n1.wait()
+        assert set(users(n2)) == {b.peer_id}
+        await b.close()
+
+    run(go())
