@@ -111,7 +111,7 @@ def test_races_stay_consistent(cluster):
     _, (n1, n2) = cluster
 
     async def go():
-        for round_ in range(15):
+        for _ in range(15):
             a = await connect(n1.ws)
             b = await connect(n2.ws)
             c = await connect(n1.ws)
