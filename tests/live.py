@@ -182,6 +182,22 @@ async def send(ws, obj):
     await ws.send(json.dumps(obj))
 
 
+async def pair(a, b):
+    """Pair two connected peers with ping/pong (the relayed ping and pong are checked and consumed)."""
+    await send(a, {"type": "ping", "to": b.peer_id})
+    assert (await recv(b))["type"] == "ping"
+    await send(b, {"type": "pong", "to": a.peer_id})
+    assert (await recv(a))["type"] == "pong"
+
+
+async def paired(url_a, url_b=None):
+    """Two new peers (on ``url_a`` and ``url_b``), paired."""
+    a = await connect(url_a)
+    b = await connect(url_b or url_a)
+    await pair(a, b)
+    return a, b
+
+
 async def sync(ws):
     """
     Round trip: send a message that is sure to be refused and return every

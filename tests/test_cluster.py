@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from live import ServerProcess, closed_code, connect, recv, send, sync
+from live import ServerProcess, closed_code, connect, pair, recv, send, sync
 from redis_server import RedisServer
 
 NODE_TIMEOUT = "2"
@@ -54,13 +54,6 @@ def assert_consistent(all_users):
         if user["state"] == "connected":
             partner = all_users[user["targetUser"]]
             assert partner["state"] == "connected" and partner["targetUser"] == user["id"], (user, partner)
-
-
-async def pair(a, b):
-    await send(a, {"type": "ping", "to": b.peer_id})
-    assert (await recv(b))["type"] == "ping"
-    await send(b, {"type": "pong", "to": a.peer_id})
-    assert (await recv(a))["type"] == "pong"
 
 
 def test_contract_across_nodes(cluster):

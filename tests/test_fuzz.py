@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 from fuzzing import FRAME_CASES, frame_fuzz, json_fuzz
-from live import ServerProcess, connect, recv, send, sync
+from live import ServerProcess, paired, recv, send, sync
 
 
 @pytest.fixture(scope="module")
@@ -17,16 +17,6 @@ def fuzz_server():
     proc = ServerProcess("--rate=0", "--max-message-size=65536").start()
     yield proc
     proc.stop()
-
-
-async def healthy_pair(server):
-    a = await connect(server.ws)
-    b = await connect(server.ws)
-    await send(a, {"type": "ping", "to": b.peer_id})
-    await recv(b)
-    await send(b, {"type": "pong", "to": a.peer_id})
-    await recv(a)
-    return a, b
 
 
 async def still_relaying(a, b):
@@ -39,7 +29,7 @@ def test_json_fuzz_short(fuzz_server):
     """5,000 random and mutated JSON messages get only documented answers; a healthy pair keeps relaying."""
 
     async def go():
-        a, b = await healthy_pair(fuzz_server)
+        a, b = await paired(fuzz_server.ws)
         counts = await json_fuzz(fuzz_server.ws, messages=5000, connections=10, seed=1)
         assert counts["sent"] == 5000
         assert counts["errors"] > 1000 and counts["relayed"] > 100, counts
@@ -57,7 +47,7 @@ def test_frame_fuzz_short(fuzz_server):
     """Bad opcodes and bits, bad UTF-8, truncated or huge frames, half-open TCP and garbage get documented answers."""
 
     async def go():
-        a, b = await healthy_pair(fuzz_server)
+        a, b = await paired(fuzz_server.ws)
         results = await frame_fuzz("127.0.0.1", fuzz_server.ports["ws"], rounds=2, garbage=40, seed=2)
         assert set(results) == {name for name, _, _ in FRAME_CASES}
         await still_relaying(a, b)

@@ -11,7 +11,7 @@ import subprocess
 import uuid
 
 import pytest
-from live import ServerProcess, closed_code, connect, recv, recv_raw, send, sync
+from live import ServerProcess, closed_code, connect, pair, recv, recv_raw, send, sync
 
 
 def run(coro):
@@ -92,10 +92,7 @@ def test_relay_is_byte_for_byte_for_non_ascii_sdp(server):
     async def go():
         a = await connect(server.ws)
         b = await connect(server.ws)
-        await send(a, {"type": "ping", "to": b.peer_id})
-        await recv(b)
-        await send(b, {"type": "pong", "to": a.peer_id})
-        await recv(a)
+        await pair(a, b)
         sdp = "v=0\r\ns=Sitzung ünïcødé 漢字 🎉\r\na=x-note:\"quoted\" \\ back\r\n" * 50
         data = {"type": "offer", "sdp": sdp, "n": [1, 2.5, None, True], "deep": {"k": "ж"}}
         await a.send(json.dumps({"type": "offer", "to": b.peer_id, "data": data}, ensure_ascii=False))
@@ -114,10 +111,7 @@ def test_large_sdp_within_the_default_limit(server):
     async def go():
         a = await connect(server.ws)
         b = await connect(server.ws)
-        await send(a, {"type": "ping", "to": b.peer_id})
-        await recv(b)
-        await send(b, {"type": "pong", "to": a.peer_id})
-        await recv(a)
+        await pair(a, b)
         sdp = ("a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host\r\n" * 4000)[:200 * 1024]
         await send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": sdp}})
         assert (await recv(b))["data"]["sdp"] == sdp
@@ -205,10 +199,7 @@ def test_peer_left_on_clean_close_and_stats_recover(server):
         assert server.stats()["connectedUsers"] == before + 3
         await send(c, {"type": "ping", "to": a.peer_id})  # c is connecting to a
         await recv(a)
-        await send(a, {"type": "ping", "to": b.peer_id})
-        await recv(b)
-        await send(b, {"type": "pong", "to": a.peer_id})
-        await recv(a)
+        await pair(a, b)
         gone = a.peer_id
         await a.close()
         left = {"type": "disconnect", "from": gone, "data": {"reason": "peer_left"}}
@@ -230,10 +221,7 @@ def test_peer_left_on_tcp_reset(server):
     async def go():
         a = await connect(server.ws)
         b = await connect(server.ws)
-        await send(a, {"type": "ping", "to": b.peer_id})
-        await recv(b)
-        await send(b, {"type": "pong", "to": a.peer_id})
-        await recv(a)
+        await pair(a, b)
         gone = a.peer_id
         sock = a.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -284,10 +272,7 @@ def test_logs_connects_relays_and_errors(server):
     async def go():
         a = await connect(server.ws)
         b = await connect(server.ws)
-        await send(a, {"type": "ping", "to": b.peer_id})
-        await recv(b)
-        await send(b, {"type": "pong", "to": a.peer_id})
-        await recv(a)
+        await pair(a, b)
         await send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": "v=0 LOG-SECRET"}})
         await recv(b)
         await a.send("{bad")
@@ -324,10 +309,7 @@ def test_oversized_message_closes_1009(tight_server):
     async def go():
         a = await connect(tight_server.ws)
         b = await connect(tight_server.ws)
-        await send(a, {"type": "ping", "to": b.peer_id})
-        await recv(b)
-        await send(b, {"type": "pong", "to": a.peer_id})
-        await recv(a)
+        await pair(a, b)
         await send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": "x" * 70000}})
         assert await closed_code(a) == 1009
         assert await recv(b) == {"type": "disconnect", "from": a.peer_id, "data": {"reason": "peer_left"}}
@@ -372,10 +354,7 @@ def test_keepalive_timeout_drops_silent_peer(tight_server):
     async def go():
         a = await connect(tight_server.ws)
         b = await connect(tight_server.ws, ping_interval=None)
-        await send(a, {"type": "ping", "to": b.peer_id})
-        await recv(b)
-        await send(b, {"type": "pong", "to": a.peer_id})
-        await recv(a)
+        await pair(a, b)
         a.transport.pause_reading()  # a goes silent: it never sees the server's pings
         assert await recv(b) == {"type": "disconnect", "from": a.peer_id, "data": {"reason": "peer_left"}}
         assert a.peer_id not in tight_server.users()

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 import websockets
-from live import ServerProcess, connect, recv, send, sync
+from live import ServerProcess, connect, paired, recv, send, sync
 
 from signaling.tokens import make_token
 
@@ -170,7 +170,7 @@ def test_non_reading_peer_is_dropped(small_buffers):
     """A peer that never reads is dropped once its unsent bytes pass the cap; its partner gets peer_left."""
 
     async def go():
-        a, b = await pair(small_buffers.ws)
+        a, b = await paired(small_buffers.ws)
         reader = await connect(small_buffers.ws)  # an unrelated, healthy peer
         b.transport.pause_reading()
         sdp = "a=" + "x" * (128 * 1024)

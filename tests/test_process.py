@@ -11,7 +11,7 @@ import signal
 import subprocess
 
 import pytest
-from live import ServerProcess, closed_code, connect, recv, script, send
+from live import ServerProcess, closed_code, connect, paired, recv, script, send
 
 import signaling
 
@@ -25,12 +25,7 @@ def clean_exit(code, signum):
 
 
 async def pair_and_negotiate(server):
-    a = await connect(server.ws)
-    b = await connect(server.ws_on_http)
-    await send(a, {"type": "ping", "to": b.peer_id})
-    assert (await recv(b))["type"] == "ping"
-    await send(b, {"type": "pong", "to": a.peer_id})
-    assert (await recv(a))["type"] == "pong"
+    a, b = await paired(server.ws, server.ws_on_http)
     await send(a, {"type": "offer", "to": b.peer_id, "data": {"type": "offer", "sdp": "v=0\r\n"}})
     assert (await recv(b))["data"]["sdp"] == "v=0\r\n"
     await send(b, {"type": "answer", "to": a.peer_id, "data": {"type": "answer", "sdp": "v=0\r\n"}})
