@@ -9,9 +9,16 @@ read.
 """
 
 import json
+import math
+import re
 from typing import Any, NamedTuple, Optional
 
 from signaling.registry import InvalidMessage, SignalingError, UnknownType
+
+try:  # a compiled JSON library on CPython; the standard library elsewhere (PyPy)
+    import orjson
+except ImportError:  # pragma: no cover - exercised on PyPy
+    orjson = None
 
 #: The message types a client may send.
 CLIENT_TYPES = frozenset(
@@ -35,9 +42,19 @@ def _no_constants(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_no_constants)
-_dumps_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+def _finite(text):
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is too large")
+    return value
+
+
+_decoder = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
+_dumps_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
+# orjson reads integers beyond 64 bits as floats; frames with 20+ digit runs
+# (perhaps such an integer) are left to the standard library, which keeps them
+_LONG_DIGITS = re.compile(rb"[0-9]{20}")
 
 
 def _with_ref(error: SignalingError, ref: Optional[str]) -> SignalingError:
@@ -54,9 +71,17 @@ def parse(payload: bytes) -> Message:
         not a valid client message.
     """
     try:
-        obj = _decoder.decode(payload.decode("utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise _with_ref(InvalidJSON(f"frame is not valid JSON: {_short(e)}"), None) from None
+        if _LONG_DIGITS.search(payload) is not None:
+            raise ValueError("maybe an integer beyond 64 bits")
+        obj = orjson.loads(payload)
+    except (AttributeError, ValueError):
+        # orjson is missing, or refused the text: the standard library
+        # decides (it also takes integers beyond 64 bits and escaped lone
+        # surrogates, and words its errors better)
+        try:
+            obj = _decoder.decode(payload.decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise _with_ref(InvalidJSON(f"frame is not valid JSON: {_short(e)}"), None) from None
     if not isinstance(obj, dict):
         raise _with_ref(
             InvalidMessage(
@@ -108,6 +133,11 @@ def encode(obj: Any) -> bytes:
     (a lone surrogate, sent escaped) falls back to ``\\u`` escapes, which
     decode to the same value.
     """
+    if orjson is not None:
+        try:
+            return orjson.dumps(obj)
+        except TypeError:
+            pass  # an integer beyond 64 bits, or a lone surrogate
     try:
         return _dumps_utf8(obj).encode("utf-8")
     except UnicodeEncodeError:

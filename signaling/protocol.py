@@ -79,6 +79,8 @@ class Settings:
     token_secret: Optional[bytes] = attr.ib(default=None, repr=False)
     #: networks of reverse proxies whose X-Forwarded-For is believed
     trusted_proxies: tuple = ()
+    #: log one line per relayed message (type, from, to, size)
+    log_relays: bool = True
 
 
 class ClockTimer:
@@ -443,13 +445,14 @@ class SignalingServerProtocol(WebSocketServerProtocol):
                 message.type,
             )
             return
-        self._log.info(
-            "relay {type} {sender} -> {to} ({size} bytes)",
-            type=message.type,
-            sender=sender,
-            to=message.to,
-            size=size,
-        )
+        if self.factory.settings.log_relays:
+            self._log.info(
+                "relay {type} {sender} -> {to} ({size} bytes)",
+                type=message.type,
+                sender=sender,
+                to=message.to,
+                size=size,
+            )
 
 
 def _then(result, callback):

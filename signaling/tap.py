@@ -116,6 +116,9 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["stats-hide-ip", None, "Show null instead of client addresses in /api/stats."],
+        ["no-relay-log", None,
+         "Do not log a line per relayed message (the busiest log line; "
+         "connects, pairing, errors and summaries are still logged)."],
     ]
 
     def __init__(self):
@@ -192,6 +195,7 @@ class Options(usage.Options):
             allowed_origins=tuple(self["origins"]),
             token_secret=self.token_secret,
             trusted_proxies=tuple(self["trusted-proxies"]),
+            log_relays=not self["no-relay-log"],
         )
 
 

@@ -29,7 +29,7 @@ def test_data_defaults_to_empty_object():
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"nope", b'{"type":', b"[1,", b'{"type":"ping","to":NaN}', b"Infinity"],
+    [b"", b"nope", b'{"type":', b"[1,", b'{"type":"ping","to":NaN}', b"Infinity", b"[1e999]", b"[-1e400]"],
 )
 def test_invalid_json(payload):
     """Text that is not strict JSON is invalid-json with a null ref."""
@@ -74,6 +74,15 @@ def test_unknown_type(kind):
     code, ref, text = refused(json.dumps({"type": kind, "to": "x"}).encode())
     assert (code, ref) == ("unknown-type", kind)
     assert "ice-candidate" in text
+
+
+def test_big_integers_relayed_exactly():
+    """Integers beyond 64 bits come out of a relay as the same integers."""
+    big = 123456789012345678901234567890
+    sent = b'{"type":"offer","to":"x","data":{"n":123456789012345678901234567890,"m":-18446744073709551617}}'
+    m = messages.parse(sent)
+    assert m.data == {"n": big, "m": -18446744073709551617}
+    assert b"123456789012345678901234567890" in messages.encode(messages.relay("offer", "me", m.data))
 
 
 def test_encode_keeps_utf8():

@@ -1,0 +1,231 @@
+"""
+Load generator (picows, its own process): speaks the wire contract to any
+server that does (ours, or the naive baseline), and prints one JSON report.
+
+    python bench/loadgen.py relay URL --pairs 50 --inflight 1 --seconds 5
+    python bench/loadgen.py rate URL --pairs 50 --rate 2000 --seconds 5
+    python bench/loadgen.py burst URL -n 10000 -c 200
+    python bench/loadgen.py idle URL -n 10000 --hold 5
+
+relay: P pairs bounce a 300-byte offer/answer with W messages in flight per
+pair; messages/s and one-way latency.  rate: the same pairs at a fixed total
+offered rate; latency.  burst: N connections, at most C opening at once;
+connections/s and time to welcome.  idle: open N connections, hold them,
+report when all are welcomed (the caller reads the server's memory).
+"""
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+
+from picows import WSListener, WSMsgType, ws_connect
+
+SDP = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n" + "a=x" * 70
+
+
+def pct(values, p):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100.0 * (len(values) - 1))))]
+
+
+class Peer(WSListener):
+    """One connection: resolves ``welcome`` with its id, hands frames to ``on_message``."""
+
+    def __init__(self):
+        self.welcome = asyncio.get_running_loop().create_future()
+        self.id = None
+        self.on_message = None
+        self.errors = 0
+
+    def on_ws_frame(self, transport, frame):
+        if frame.msg_type == WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+            return
+        if frame.msg_type != WSMsgType.TEXT:
+            return
+        msg = json.loads(frame.get_payload_as_bytes())
+        if msg["type"] == "welcome":
+            self.id = msg["id"]
+            if not self.welcome.done():
+                self.welcome.set_result(msg["id"])
+        elif msg["type"] == "error":
+            self.errors += 1
+        elif self.on_message is not None:
+            self.on_message(msg)
+
+    def on_ws_disconnected(self, transport):
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError("closed before welcome"))
+
+
+async def open_peer(url):
+    transport, peer = await ws_connect(Peer, url, websocket_handshake_timeout=60)
+    peer.transport = transport
+    await asyncio.wait_for(peer.welcome, 60)
+    return peer
+
+
+def send(peer, kind, to, data):
+    peer.transport.send(WSMsgType.TEXT, json.dumps({"type": kind, "to": to, "data": data}).encode())
+
+
+async def make_pairs(url, count):
+    pairs = []
+    for _ in range(count):
+        a, b = await open_peer(url), await open_peer(url)
+        got = asyncio.get_running_loop().create_future()
+        b.on_message = lambda m, f=got: f.done() or f.set_result(m)
+        send(a, "ping", b.id, {})
+        await asyncio.wait_for(got, 30)
+        got = asyncio.get_running_loop().create_future()
+        a.on_message = lambda m, f=got: f.done() or f.set_result(m)
+        send(b, "pong", a.id, {})
+        await asyncio.wait_for(got, 30)
+        pairs.append((a, b))
+    return pairs
+
+
+async def relay(args):
+    pairs = await make_pairs(args.url, args.pairs)
+    latencies, counted = [], [0]
+    stop_at = [None]
+    measuring = [False]
+
+    def wire(a, b):
+        def at_b(msg):  # offer arrived: record, answer
+            now = time.perf_counter()
+            if measuring[0]:
+                latencies.append(now - msg["data"]["t"])
+                counted[0] += 1
+            send(b, "answer", a.id, {"type": "answer", "sdp": SDP, "t": time.perf_counter()})
+
+        def at_a(msg):  # answer arrived: record, offer again
+            now = time.perf_counter()
+            if measuring[0]:
+                latencies.append(now - msg["data"]["t"])
+                counted[0] += 1
+            if stop_at[0] is None or now < stop_at[0]:
+                send(a, "offer", b.id, {"type": "offer", "sdp": SDP, "t": time.perf_counter()})
+
+        b.on_message, a.on_message = at_b, at_a
+
+    for a, b in pairs:
+        wire(a, b)
+    for a, b in pairs:
+        for _ in range(args.inflight):
+            send(a, "offer", b.id, {"type": "offer", "sdp": SDP, "t": time.perf_counter()})
+    await asyncio.sleep(args.warmup)  # a benchmark: let the JIT and caches settle
+    measuring[0] = True
+    t0 = time.perf_counter()
+    await asyncio.sleep(args.seconds)
+    measuring[0] = False
+    elapsed = time.perf_counter() - t0
+    stop_at[0] = time.perf_counter()
+    await asyncio.sleep(0.5)
+    return {
+        "scenario": "relay", "pairs": args.pairs, "inflight": args.inflight,
+        "messages_per_s": round(counted[0] / elapsed),
+        "latency_ms": {k: round(pct(latencies, p) * 1000, 3) for k, p in (("p50", 50), ("p99", 99), ("p999", 99.9))},
+        "errors": sum(a.errors + b.errors for a, b in pairs),
+    }
+
+
+async def rate(args):
+    pairs = await make_pairs(args.url, args.pairs)
+    latencies = []
+    for a, b in pairs:
+        b.on_message = lambda m: latencies.append(time.perf_counter() - m["data"]["t"])
+    interval = args.pairs / args.rate  # each pair sends every `interval` seconds
+    stop = time.perf_counter() + args.warmup + args.seconds
+    measure_from = time.perf_counter() + args.warmup
+
+    async def pace(a, b, offset):
+        await asyncio.sleep(offset)
+        next_at = time.perf_counter()
+        while next_at < stop:
+            send(a, "offer", b.id, {"type": "offer", "sdp": SDP, "t": time.perf_counter()})
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+
+    await asyncio.gather(*(pace(a, b, i * interval / len(pairs)) for i, (a, b) in enumerate(pairs)))
+    await asyncio.sleep(0.5)
+    n_warm = int(len(latencies) * args.warmup / (args.warmup + args.seconds))
+    lat = latencies[n_warm:]
+    _ = measure_from
+    return {
+        "scenario": "rate", "pairs": args.pairs, "offered_per_s": args.rate, "received": len(latencies),
+        "latency_ms": {k: round(pct(lat, p) * 1000, 3) for k, p in (("p50", 50), ("p99", 99), ("p999", 99.9))},
+        "errors": sum(a.errors + b.errors for a, b in pairs),
+    }
+
+
+async def burst(args):
+    times, failures = [], [0]
+    limit = asyncio.Semaphore(args.c)
+    peers = []
+
+    async def one():
+        async with limit:
+            t0 = time.perf_counter()
+            try:
+                peers.append(await open_peer(args.url))
+                times.append(time.perf_counter() - t0)
+            except Exception:
+                failures[0] += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(args.n)))
+    elapsed = time.perf_counter() - t0
+    for p in peers:
+        p.transport.disconnect()
+    return {
+        "scenario": "burst", "connections": args.n, "concurrency": args.c, "welcomed": len(times),
+        "failed": failures[0], "connections_per_s": round(len(times) / elapsed),
+        "welcome_ms": {k: round(pct(times, p) * 1000, 2) for k, p in (("p50", 50), ("p99", 99), ("max", 100))},
+        "waited_1s_or_more": sum(1 for t in times if t >= 1.0),
+    }
+
+
+async def idle(args):
+    limit = asyncio.Semaphore(200)
+
+    async def one():
+        async with limit:
+            return await open_peer(args.url)
+
+    peers = await asyncio.gather(*(one() for _ in range(args.n)))
+    print(json.dumps({"scenario": "idle", "open": len(peers)}), flush=True)
+    await asyncio.sleep(args.hold)  # held open while the caller measures
+    for p in peers:
+        p.transport.disconnect()
+    return {"scenario": "idle", "closed": len(peers)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=["relay", "rate", "burst", "idle"])
+    parser.add_argument("url")
+    parser.add_argument("--pairs", type=int, default=50)
+    parser.add_argument("--inflight", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=2000.0, help="total offered messages/s (rate)")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("-n", type=int, default=1000)
+    parser.add_argument("-c", type=int, default=200)
+    parser.add_argument("--hold", type=float, default=5.0)
+    args = parser.parse_args()
+    if args.n > 20000 or args.pairs > 2000 or args.seconds > 120:
+        parser.error("bounded: -n <= 20000, --pairs <= 2000, --seconds <= 120")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    result = asyncio.run(asyncio.wait_for(globals()[args.scenario](args), 300))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
