@@ -138,11 +138,10 @@ async def relay(args):
 async def rate(args):
     pairs = await make_pairs(args.url, args.pairs)
     latencies = []
-    for a, b in pairs:
+    for _, b in pairs:
         b.on_message = lambda m: latencies.append(time.perf_counter() - m["data"]["t"])
     interval = args.pairs / args.rate  # each pair sends every `interval` seconds
     stop = time.perf_counter() + args.warmup + args.seconds
-    measure_from = time.perf_counter() + args.warmup
 
     async def pace(a, b, offset):
         await asyncio.sleep(offset)
@@ -156,7 +155,6 @@ async def rate(args):
     await asyncio.sleep(0.5)
     n_warm = int(len(latencies) * args.warmup / (args.warmup + args.seconds))
     lat = latencies[n_warm:]
-    _ = measure_from
     return {
         "scenario": "rate", "pairs": args.pairs, "offered_per_s": args.rate, "received": len(latencies),
         "latency_ms": {k: round(pct(lat, p) * 1000, 3) for k, p in (("p50", 50), ("p99", 99), ("p999", 99.9))},
