@@ -1,0 +1,163 @@
+"""
+Tier 2: the fast frame path (small complete masked text frames taken without
+Autobahn's frame machinery) behaves exactly like Autobahn's own path, for any
+sequence of frames cut into any chunks.
+"""
+
+import json
+import struct
+
+from fuzzing import frame
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from memory import Harness
+
+from signaling.protocol import _frame, _unmask
+
+
+def outcome(frames, cuts, fast):
+    """Feed the frames (cut at ``cuts``) to a paired peer's server side; return what everyone saw."""
+    h = Harness(rate=0, max_message_size=65536)
+    a, b = h.connect(), h.connect()
+    h.pair(a, b)
+    server = b.server
+    server.fast_path = fast
+    data = b"".join(frames)
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    for start, end in zip(points, points[1:]):
+        server.dataReceived(data[start:end])
+        h.flush()
+    a_got, b_got = a.take(), b.take()
+    # the ids differ between runs: name them
+    names = {a.peer_id: "A", b.peer_id: "B"}
+    text = json.dumps([a_got, b_got])
+    for peer_id, name in names.items():
+        if peer_id:
+            text = text.replace(peer_id, name)
+    return text, b.closed_with and b.closed_with[1], len(h.registry)
+
+
+def text(obj):
+    return json.dumps(obj).encode()
+
+
+def msg(kind="offer", size=10):
+    return {"type": kind, "to": "TARGET", "data": {"sdp": "x" * size}}
+
+
+def build(specs, target):
+    out = []
+    for spec in specs:
+        kind, arg = spec
+        if kind == "text":
+            out.append(frame(1, text(arg).replace(b"TARGET", target.encode())))
+        elif kind == "raw":
+            out.append(arg)
+    return out
+
+
+def same(frames, cuts=()):
+    fast = outcome(frames, cuts, True)
+    slow = outcome(frames, cuts, False)
+    assert fast == slow
+    return fast
+
+
+def paired_frames(specs):
+    """Frames addressed to the peer 'A' of outcome(): its id is peer-1 in a fresh Harness."""
+    return build(specs, "peer-1")
+
+
+CASES = {
+    "one small": [("text", msg())],
+    "many in one chunk": [("text", msg(size=n)) for n in (0, 1, 50, 100, 125)],
+    "16-bit lengths": [("text", msg(size=200)), ("text", msg(size=60000))],
+    "over the size limit": [("text", msg()), ("text", msg(size=70000)), ("text", msg())],
+    "ping between": [("text", msg()), ("raw", frame(9, b"hi")), ("text", msg())],
+    "fragmented": [("raw", frame(1, b'{"type":"offer",', fin=False)),
+                   ("raw", frame(0, b'"to":"peer-1","data":{}}')), ("text", msg())],
+    "binary": [("raw", frame(2, b"\x00\x01")), ("text", msg())],
+    "bad utf-8": [("text", msg()), ("raw", frame(1, b'{"x":"\xff"}')), ("text", msg())],
+    "unmasked": [("raw", frame(1, b"{}", mask=False))],
+    "rsv bits": [("raw", frame(1, b"{}", rsv=2))],
+    "non-minimal 16-bit length": [("raw", b"\x81\xfe\x00\x05" + b"\x00" * 4 + b"hello")],
+    "64-bit length": [("raw", frame(1, text(msg(size=70000)))), ("text", msg())],
+    "invalid json and errors": [("raw", frame(1, b"{nope")), ("text", {"type": "offer", "to": "nobody"}),
+                                ("text", msg("pong"))],
+    "close": [("text", msg()), ("raw", frame(8, struct.pack("!H", 1000))), ("text", msg())],
+}
+
+
+def test_cases_whole_and_byte_by_byte():
+    """Every case gives the same result on both paths, whole and cut into single bytes."""
+    for name, specs in CASES.items():
+        frames = paired_frames(specs)
+        total = sum(len(f) for f in frames)
+        whole = same(frames)
+        if total < 2000:
+            assert same(frames, cuts=range(total)) == whole, name
+
+
+def test_fast_path_relays(monkeypatch):
+    """Small frames take the fast path (Autobahn's parser sees none of them) and are relayed unchanged."""
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+
+    seen = []
+    original = WebSocketServerProtocol.dataReceived
+
+    def spy(self, data):
+        seen.append(data)
+        return original(self, data)
+
+    monkeypatch.setattr(WebSocketServerProtocol, "dataReceived", spy)
+    h = Harness(rate=0)
+    a, b = h.connect(), h.connect()
+    h.pair(a, b)
+    seen.clear()
+    frames = paired_frames([("text", msg(size=5)), ("text", msg("answer", 300))])
+    b.server.dataReceived(b"".join(frames))
+    h.flush()
+    assert seen == []
+    assert a.take() == [
+        {"type": "offer", "from": b.peer_id, "data": {"sdp": "xxxxx"}},
+        {"type": "answer", "from": b.peer_id, "data": {"sdp": "x" * 300}},
+    ]
+
+
+SPEC = st.one_of(
+    st.builds(lambda k, n: ("text", msg(k, n)), st.sampled_from(["offer", "answer", "ping", "pong"]),
+              st.integers(0, 400)),
+    st.builds(lambda p: ("raw", frame(9, p)), st.binary(max_size=20)),
+    st.builds(lambda p: ("raw", frame(1, p)), st.binary(max_size=40)),
+    st.builds(lambda p: ("raw", frame(2, p)), st.binary(max_size=10)),
+    st.builds(lambda p, f: ("raw", frame(1, p, fin=f)), st.binary(max_size=10), st.booleans()),
+    st.builds(lambda p: ("raw", frame(0, p)), st.binary(max_size=10)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(SPEC, min_size=1, max_size=8), st.lists(st.integers(0, 5000), max_size=6))
+def test_any_frames_any_chunks(specs, cuts):
+    """Random frame sequences, cut at random points, give the same result on both paths."""
+    same(paired_frames(specs), cuts)
+
+
+@given(st.binary(max_size=300), st.binary(min_size=4, max_size=4))
+def test_unmask(payload, mask):
+    """Unmasking is XOR with the repeating 4-byte mask (and its own inverse)."""
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert _unmask(payload, mask) == expected
+    assert _unmask(expected, mask) == payload
+
+
+@given(st.binary(max_size=70000))
+def test_server_frame_header(payload):
+    """Server frames carry FIN+text and the minimal length encoding."""
+    out = _frame(payload)
+    assert out[0] == 0x81
+    if len(payload) < 126:
+        assert out[1] == len(payload) and out[2:] == payload
+    elif len(payload) < 65536:
+        assert out[1] == 126 and struct.unpack("!H", out[2:4])[0] == len(payload) and out[4:] == payload
+    else:
+        assert out[1] == 127 and struct.unpack("!Q", out[2:10])[0] == len(payload) and out[10:] == payload
