@@ -141,8 +141,8 @@ async def json_fuzz(url, messages, connections=20, seed=0):
 # -- frame-level fuzzing ------------------------------------------------------------------
 
 
-def frame(opcode, payload=b"", fin=True, rsv=0, mask=True, length=None):
-    """Build a client frame; ``length`` overrides the declared payload length."""
+def frame(opcode, payload=b"", fin=True, rsv=0, mask=True, length=None, key=None):
+    """Build a client frame; ``length`` overrides the declared payload length; ``key`` is the mask."""
     first = (0x80 if fin else 0) | (rsv << 4) | opcode
     n = len(payload) if length is None else length
     if n < 126:
@@ -153,7 +153,7 @@ def frame(opcode, payload=b"", fin=True, rsv=0, mask=True, length=None):
         header = struct.pack("!BBQ", first, (0x80 if mask else 0) | 127, n)
     if not mask:
         return header + payload
-    key = os.urandom(4)
+    key = os.urandom(4) if key is None else key
     return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
