@@ -13,9 +13,11 @@ class Server:
     def __init__(self, *args):
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.tmp = tempfile.mkdtemp(prefix="signaling-bench-")
+        listen = ["--http=tcp:0:interface=127.0.0.1"]
+        if not any(a.startswith("--ws=") for a in args):
+            listen.append("--ws=tcp:0:interface=127.0.0.1")
         self.proc = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "signaling", "--http=tcp:0:interface=127.0.0.1",
-             "--ws=tcp:0:interface=127.0.0.1", "--summary-interval=0", *args],
+            [twistd, "-n", "--pidfile=", "signaling", *listen, "--summary-interval=0", *args],
             cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.ports = {}

@@ -10,11 +10,12 @@ drain bound, log a final summary) is :class:`SignalingService`'s
 
 import ipaddress
 import re
+import socket
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -115,6 +116,10 @@ class Options(usage.Options):
         ["redis-prefix", None, "signaling:", "Redis mode: prefix of every key and channel."],
     ]
     optFlags = [
+        ["reuse-port", None,
+         "Listen with SO_REUSEPORT (tcp: endpoints), so that several processes "
+         "share each port and the kernel spreads connections over them; "
+         "combine with --redis."],
         ["stats-hide-ip", None, "Show null instead of client addresses in /api/stats."],
         ["no-relay-log", None,
          "Do not log a line per relayed message (the busiest log line; "
@@ -166,6 +171,10 @@ class Options(usage.Options):
                 parse_url(self["redis"])
             except ValueError as e:
                 raise usage.UsageError(f"--redis: {e}") from None
+        if self["reuse-port"]:
+            for name in ("http", "ws"):
+                if self[name] != "none" and not self[name].startswith("tcp:"):
+                    raise usage.UsageError(f"--reuse-port works with tcp: endpoints; --{name} is {self[name]!r}")
         self.token_secret = self._secret("token-secret-file")
         stats_token = self._secret("stats-token-file")
         self.stats_token = stats_token.decode("utf-8", "replace") if stats_token else None
@@ -208,6 +217,56 @@ def with_backlog(description: str, backlog: int) -> str:
     if kind not in _BACKLOG_TYPES or re.search(r"(^|:)backlog=", description):
         return description
     return f"{description}:backlog={backlog}"
+
+
+class ReusePortEndpoint:
+    """
+    A TCP listening endpoint whose socket has SO_REUSEPORT set, adopted by
+    the reactor: several processes may listen on the same address and port.
+    Takes ``tcp:PORT[:interface=ADDR][:backlog=N]`` (IPv4 or IPv6 address).
+    """
+
+    def __init__(self, reactor, description: str):
+        kind, _, rest = description.partition(":")
+        if kind != "tcp" or not rest:
+            raise ValueError(f"--reuse-port takes tcp:PORT endpoints, not {description!r}")
+        options = {}
+        parts = rest.split(":")
+        for part in parts:
+            key, eq, value = part.partition("=")
+            if eq:
+                options[key] = value
+            else:
+                options.setdefault("port", part)
+        self.reactor = reactor
+        self.port = int(options.pop("port"))
+        self.interface = options.pop("interface", "")
+        self.backlog = int(options.pop("backlog", 50))
+        if options:
+            raise ValueError(f"--reuse-port: unsupported endpoint options {sorted(options)}")
+
+    def listen(self, factory):
+        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.interface, self.port))
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
+        except OSError as e:
+            return fail(e)
+        finally:
+            sock.close()  # the reactor holds its own duplicate
+        return succeed(port)
+
+
+def make_endpoint(reactor, description: str, backlog: int, reuse_port: bool):
+    description = with_backlog(description, backlog)
+    if reuse_port:
+        return ReusePortEndpoint(reactor, description)
+    return serverFromString(reactor, description)
 
 
 class ListenService(Service):
@@ -355,7 +414,7 @@ def makeService(options: Options, reactor=None) -> SignalingService:
     if options["ws"] != "none":
         listeners.append(("ws", options["ws"], factory))
     for label, description, server_factory in listeners:
-        endpoint = serverFromString(reactor, with_backlog(description, backlog))
+        endpoint = make_endpoint(reactor, description, backlog, bool(options["reuse-port"]))
         ListenService(label, endpoint, server_factory).setServiceParent(service)
     if options["summary-interval"] > 0:
         timer = TimerService(options["summary-interval"], log_summary, registry)

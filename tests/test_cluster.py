@@ -236,3 +236,38 @@ def test_node_shutdown_in_cluster_mode(cluster):
         await b.close()
 
     run(go())
+
+
+def test_two_processes_share_one_port(cluster):
+    """With --reuse-port, two nodes listen on the same port; peers landing on either pair and relay."""
+    from redis_server import free_port
+
+    redis, _ = cluster
+    port = free_port()
+    nodes = [
+        ServerProcess(f"--redis={redis.url}", f"--node-id=shared{i}", "--reuse-port",
+                      ws=f"tcp:{port}:interface=127.0.0.1").start()
+        for i in (1, 2)
+    ]
+    try:
+        for node in nodes:
+            node.wait_for_line(r"redis: connected")
+        assert nodes[0].ports["ws"] == nodes[1].ports["ws"] == port
+
+        async def go():
+            peers = [await connect(f"ws://127.0.0.1:{port}/") for _ in range(40)]
+            everyone = users(nodes[0])
+            # the kernel spreads connections by a hash of their addresses: with 40,
+            # all on one node has a probability of 2**-39
+            assert {everyone[p.peer_id]["node"] for p in peers} == {"shared1", "shared2"}
+            a, b = peers[0], peers[-1]
+            await pair(a, b)
+            await send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": "shared"}})
+            assert (await recv(b))["data"] == {"sdp": "shared"}
+            for p in peers:
+                await p.close()
+
+        run(go())
+    finally:
+        for node in nodes:
+            node.stop()

@@ -143,3 +143,18 @@ def test_short_secret_refused(tmp_path):
     short.write_bytes(b"short")
     with pytest.raises(usage.UsageError, match="at least 16 bytes"):
         parse(f"--token-secret-file={short}")
+
+
+def test_reuse_port_endpoint_parsing():
+    """--reuse-port endpoints take tcp:PORT with interface and backlog, and refuse the rest."""
+    from signaling.tap import ReusePortEndpoint
+
+    e = ReusePortEndpoint(None, "tcp:8080:interface=127.0.0.1:backlog=777")
+    assert (e.port, e.interface, e.backlog) == (8080, "127.0.0.1", 777)
+    assert ReusePortEndpoint(None, "tcp:port=9000").port == 9000
+    with pytest.raises(ValueError):
+        ReusePortEndpoint(None, "ssl:8443:privateKey=k.pem")
+    with pytest.raises(ValueError):
+        ReusePortEndpoint(None, "tcp:8080:reuseAddress=1")
+    with pytest.raises(usage.UsageError, match="--reuse-port works with tcp"):
+        parse("--reuse-port", "--ws=ssl:8443:privateKey=k.pem")
