@@ -45,6 +45,16 @@ CLOSE_POLICY_VIOLATION = 1008
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 
+# Autobahn protocol attributes used only while the opening handshake is
+# processed (checked against Autobahn's server code): dropped once open, to
+# keep idle connections small.
+_HANDSHAKE_ONLY = (
+    "http_request_data", "http_response_data", "http_headers", "http_status_line", "_wskey",
+    "http_request_params", "http_request_uri", "http_request_path", "http_request_host",
+    "websocket_protocols", "websocket_extensions", "flashSocketPolicy", "perMessageCompressionAccept",
+    "allowedOriginsPatterns", "allowedOrigins", "versions",
+)
+
 # which registry operation checks each message type
 _OPERATIONS = {
     "ping": "ping",
@@ -337,7 +347,20 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         self._strikes = 0
         self._busy = False
         self._queue = None  # made when an operation has to wait
+        self._compact()
         self._enqueue(self._join)
+
+    def _compact(self) -> None:
+        """Drop what only the handshake needed, and re-pack the attribute table."""
+        attrs = self.__dict__
+        for name in _HANDSHAKE_ONLY:
+            attrs.pop(name, None)
+        # Autobahn queues outgoing data only for sendMessage(sync=True) or a
+        # chopsize, which this server never uses: an empty tuple instead of
+        # an empty deque per connection (it would fail loudly, not share).
+        if not attrs.get("send_queue"):
+            attrs["send_queue"] = ()
+        self.__dict__ = dict(attrs)
 
     def onMessage(self, payload, isBinary):
         if self.peer_id is None:

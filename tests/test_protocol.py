@@ -357,3 +357,15 @@ def test_registry_bug_is_reported_not_fatal():
     h.factory.registry = real
     h.send(a, {"type": "ping", "to": b.peer_id})
     assert b.take()[0]["type"] == "ping"
+
+
+def test_open_connections_drop_handshake_state(h):
+    """Once open, a connection keeps none of the handshake's data (idle connections stay small) and still works."""
+    from signaling.protocol import _HANDSHAKE_ONLY
+
+    a, b = h.connect(), h.connect()
+    assert not set(_HANDSHAKE_ONLY) & set(vars(a.server))
+    assert a.server.send_queue == ()
+    h.pair(a, b)
+    h.send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": "v=0"}})
+    assert b.take() == [{"type": "offer", "from": a.peer_id, "data": {"sdp": "v=0"}}]
