@@ -237,6 +237,21 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     _counted = False
     _fixed_id: Optional[str] = None
 
+    def _connectionMade(self):
+        # Autobahn copies its options from the factory and then pretty-prints
+        # all of them for a debug log line on every connection, whether debug
+        # logging is on or not: a third of the time of a burst of connects.
+        # Copy them here and let Autobahn's loop (and the pformat) run empty.
+        factory = self.factory
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            if not hasattr(self, name):
+                setattr(self, name, getattr(factory, name))
+        self.CONFIG_ATTRS = ()
+        try:
+            WebSocketServerProtocol._connectionMade(self)
+        finally:
+            del self.CONFIG_ATTRS
+
     def onConnect(self, request):
         """Admit or refuse the WebSocket handshake (HTTP status and reason on refusal)."""
         factory = self.factory
