@@ -19,9 +19,6 @@ Registry operations may answer with a ``Deferred`` (see
 then run one after another, in the order their frames arrived.
 """
 
-import fnmatch
-import ipaddress
-import struct
 from collections import deque
 from typing import Optional
 
@@ -29,11 +26,12 @@ import attr
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from signaling import messages
+from signaling.admission import bearer, client_address, host_of, origin_allowed
+from signaling.framing import text_frame, unmask, unsent_bytes, write
 from signaling.limits import TokenBucket
 from signaling.registry import PeerIdTaken, SignalingError
 from signaling.tokens import TokenError, verify_token
@@ -123,110 +121,6 @@ class _Call:
             self._call.cancel()
 
 
-def _host(address) -> str:
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(address)
-    if host.startswith("::ffff:") and "." in host:
-        return host[len("::ffff:") :]
-    return host
-
-
-def _trusted(host: str, networks) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
-
-
-def client_address(peer: str, forwarded_for: Optional[str], trusted_proxies) -> str:
-    """
-    The client's address: the TCP peer, or, when the peer is a trusted
-    proxy, the nearest address in ``X-Forwarded-For`` that is not one.
-    """
-    if not trusted_proxies or not forwarded_for or not _trusted(peer, trusted_proxies):
-        return peer
-    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if not _trusted(hop, trusted_proxies):
-            try:
-                return str(ipaddress.ip_address(hop))
-            except ValueError:
-                return peer  # garbage in the header: believe only the socket
-    return hops[0] if hops else peer
-
-
-def origin_allowed(origin: Optional[str], allowed) -> bool:
-    """Whether a browser's Origin may connect (no Origin header: not a browser, allowed)."""
-    if not allowed or origin is None:
-        return True
-    origin = origin.lower()
-    return any(fnmatch.fnmatchcase(origin, pattern.lower()) for pattern in allowed)
-
-
-def unsent_bytes(transport) -> int:
-    """
-    Bytes written to ``transport`` that the kernel has not taken yet.
-    (Reads Twisted's FileDescriptor buffer; looks through a TLS wrapper.)
-    """
-    for _ in range(3):
-        pending = getattr(transport, "_tempDataLen", None)
-        if pending is not None:
-            return len(transport.dataBuffer) - transport.offset + pending
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            break
-    return 0
-
-
-def _unmask(payload: bytes, mask: bytes) -> bytes:
-    n = len(payload)
-    if not n:
-        return b""
-    key = int.from_bytes((mask * ((n >> 2) + 1))[:n], "big")
-    return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
-
-
-def _frame(payload: bytes) -> bytes:
-    """A single unmasked text frame (FIN, opcode 1), as a server sends it."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
-
-
-def write(transport, data: bytes) -> None:
-    """
-    Write to a transport, trying the socket at once when nothing is queued
-    on a plain TCP connection: that saves Twisted's register-for-writable
-    round trip through the reactor (two epoll_ctl calls and a wakeup) per
-    message.  Anything not sent at once goes through ``transport.write``.
-    """
-    if (
-        type(transport) is tcp.Server
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-        and transport.connected
-        and not transport.disconnecting
-        and transport.producer is None
-    ):
-        written = transport.writeSomeData(data)
-        if isinstance(written, int):
-            if written == len(data):
-                return
-            data = data[written:]
-    transport.write(data)
-
-
-def _bearer(header: Optional[str]) -> Optional[str]:
-    if header and header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return None
-
-
 class SignalingServerProtocol(WebSocketServerProtocol):
     """One browser peer."""
 
@@ -257,7 +151,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         factory = self.factory
         settings = factory.settings
         self.ip = client_address(
-            _host(self.transport.getPeer()),
+            host_of(self.transport.getPeer()),
             request.headers.get("x-forwarded-for"),
             settings.trusted_proxies,
         )
@@ -266,7 +160,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         if not origin_allowed(request.origin, settings.allowed_origins):
             self._deny(403, "origin not allowed")
         if settings.token_secret is not None:
-            token = (request.params.get("token") or [None])[0] or _bearer(
+            token = (request.params.get("token") or [None])[0] or bearer(
                 request.headers.get("authorization")
             )
             if not token:
@@ -332,7 +226,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
                 break  # 64-bit lengths
             if (limit and length > limit) or start + length > end:
                 break
-            payload = _unmask(data[start : start + length], data[start - 4 : start])
+            payload = unmask(data[start : start + length], data[start - 4 : start])
             try:
                 payload.decode("utf-8")
             except UnicodeDecodeError:
@@ -439,7 +333,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         if self.state != _STATE_OPEN:
             return False
         if self.fast_path and self.send_state == WebSocketProtocol.SEND_STATE_GROUND:
-            write(self.transport, _frame(payload))
+            write(self.transport, text_frame(payload))
         else:
             self.sendMessage(payload, isBinary=False)
         unsent = unsent_bytes(self.transport)

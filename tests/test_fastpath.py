@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from memory import Harness
 
-from signaling.protocol import _frame, _unmask
+from signaling.framing import text_frame, unmask
 
 
 def outcome(frames, cuts, fast):
@@ -156,14 +156,14 @@ def test_any_frames_any_chunks(specs, cuts):
 def test_unmask(payload, mask):
     """Unmasking is XOR with the repeating 4-byte mask (and its own inverse)."""
     expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    assert _unmask(payload, mask) == expected
-    assert _unmask(expected, mask) == payload
+    assert unmask(payload, mask) == expected
+    assert unmask(expected, mask) == payload
 
 
 @given(st.binary(max_size=70000))
 def test_server_frame_header(payload):
     """Server frames carry FIN+text and the minimal length encoding."""
-    out = _frame(payload)
+    out = text_frame(payload)
     assert out[0] == 0x81
     if len(payload) < 126:
         assert out[1] == len(payload) and out[2:] == payload

@@ -6,7 +6,7 @@ import pytest
 from memory import Harness
 from twisted.logger import capturedLogs
 
-from signaling.protocol import client_address, origin_allowed
+from signaling.admission import client_address, origin_allowed
 from signaling.tokens import TokenError, main, make_token, verify_token
 
 SECRET = b"0123456789abcdef-test-secret"
