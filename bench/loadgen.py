@@ -23,6 +23,15 @@ import time
 
 from picows import WSListener, WSMsgType, ws_connect
 
+try:  # the generator must not be the bottleneck: a compiled JSON library if there is one
+    from orjson import dumps as _dumps
+    from orjson import loads
+except ImportError:  # pragma: no cover
+    loads = json.loads
+
+    def _dumps(obj):
+        return json.dumps(obj).encode()
+
 SDP = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n" + "a=x" * 70
 
 
@@ -48,7 +57,7 @@ class Peer(WSListener):
             return
         if frame.msg_type != WSMsgType.TEXT:
             return
-        msg = json.loads(frame.get_payload_as_bytes())
+        msg = loads(frame.get_payload_as_bytes())
         if msg["type"] == "welcome":
             self.id = msg["id"]
             if not self.welcome.done():
@@ -71,7 +80,7 @@ async def open_peer(url):
 
 
 def send(peer, kind, to, data):
-    peer.transport.send(WSMsgType.TEXT, json.dumps({"type": kind, "to": to, "data": data}).encode())
+    peer.transport.send(WSMsgType.TEXT, _dumps({"type": kind, "to": to, "data": data}))
 
 
 async def make_pairs(url, count):
