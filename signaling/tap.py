@@ -348,11 +348,10 @@ class SignalingService(MultiService):
         return d
 
     def _stopped(self, closed):
-        local = sum(1 for p in self.factory.connections.values())
         self._log.info(
             "stopped: closed {closed} connections; {users} users left in the registry",
             closed=closed,
-            users=local,
+            users=len(self.factory.connections),
         )
 
 
