@@ -126,7 +126,9 @@ async def json_fuzz(url, messages, connections=20, seed=0):
             await ws.send(fuzz_frame(rng, ids))
             counts["sent"] += 1
             if i % 200 == 199:
-                await asyncio.sleep(0)  # let the readers drain
+                # a WebSocket ping round trip: the server's answers so far
+                # have reached the reader, so they cannot pile up unread
+                await (await ws.ping())
 
     await asyncio.gather(*(writer(ws, per_socket, random.Random(seed * 1000 + k)) for k, ws in enumerate(sockets)))
     # a round trip on each socket: everything sent before it has been answered

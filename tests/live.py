@@ -159,6 +159,11 @@ class ServerProcess:
 TIMEOUT = 15.0
 
 
+def run(coro, timeout=120.0):
+    """Run a test's coroutine to completion, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
 async def connect(url, **kwargs):
     """Open a WebSocket and return it with the id from its welcome."""
     kwargs.setdefault("max_size", None)

@@ -11,14 +11,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from live import ServerProcess, closed_code, connect, pair, recv, send, sync
+from live import ServerProcess, closed_code, connect, pair, recv, run, send, sync
 from redis_server import RedisServer
 
 NODE_TIMEOUT = "2"
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 def start_node(redis, name):

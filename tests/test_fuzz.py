@@ -5,11 +5,10 @@ The server must answer every bad input as documented, never crash, keep
 serving well-behaved peers, and afterwards hold only the live peers.
 """
 
-import asyncio
 
 import pytest
 from fuzzing import FRAME_CASES, frame_fuzz, json_fuzz
-from live import ServerProcess, paired, recv, send, sync
+from live import ServerProcess, paired, recv, run, send, sync
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ def test_json_fuzz_short(fuzz_server):
         await a.close()
         await b.close()
 
-    asyncio.run(asyncio.wait_for(go(), 300))
+    run(go(), timeout=300)
 
 
 def test_frame_fuzz_short(fuzz_server):
@@ -55,7 +54,7 @@ def test_frame_fuzz_short(fuzz_server):
         await a.close()
         await b.close()
 
-    asyncio.run(asyncio.wait_for(go(), 300))
+    run(go(), timeout=300)
     assert fuzz_server.stats()["connectedUsers"] == 0
     assert "Traceback" not in fuzz_server.output()
     assert "Unhandled" not in fuzz_server.output()

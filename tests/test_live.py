@@ -11,11 +11,7 @@ import subprocess
 import uuid
 
 import pytest
-from live import ServerProcess, closed_code, connect, pair, recv, recv_raw, send, sync
-
-
-def run(coro):
-    return asyncio.run(coro)
+from live import ServerProcess, closed_code, connect, pair, recv, recv_raw, run, send, sync
 
 
 def test_welcome_is_uuid4_and_user_appears_idle(server):

@@ -4,7 +4,6 @@ sockets: outbound caps, handshake timeouts, refusals at the handshake with
 HTTP statuses, proxies, stats protection and TLS.
 """
 
-import asyncio
 import datetime
 import ipaddress
 import json
@@ -15,15 +14,11 @@ import urllib.request
 
 import pytest
 import websockets
-from live import ServerProcess, connect, paired, recv, send, sync
+from live import ServerProcess, connect, paired, recv, run, send, sync
 
 from signaling.tokens import make_token
 
 SECRET = b"live-test-secret-0123456789"
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 async def pair(url):

@@ -11,7 +11,7 @@ import signal
 import subprocess
 
 import pytest
-from live import ServerProcess, closed_code, connect, paired, recv, script, send
+from live import ServerProcess, closed_code, connect, paired, recv, run, script, send
 
 import signaling
 
@@ -44,7 +44,7 @@ def test_signal_closes_peers_with_1001_and_exits_cleanly(signum):
             server.signal(signum)
             return await asyncio.gather(closed_code(a), closed_code(b), closed_code(c))
 
-        assert asyncio.run(go()) == [1001, 1001, 1001]
+        assert run(go()) == [1001, 1001, 1001]
         code = server.wait()
         assert clean_exit(code, signum), (code, server.output())
         out = server.output()
@@ -78,7 +78,7 @@ def test_twist_json_logs():
             await b.close()
             return a.peer_id, b.peer_id
 
-        A, B = asyncio.run(go())
+        A, B = run(go())
         server.wait_for_line(rf'"peer": "{B}"')
         server.signal(signal.SIGTERM)
         code = server.wait()

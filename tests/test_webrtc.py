@@ -8,6 +8,7 @@ import asyncio
 import os
 
 import pytest
+from live import run
 from playwright.async_api import async_playwright
 from rtc_peer import RtcPeer
 
@@ -78,10 +79,6 @@ async def chat(page, text):
     await page.click("#chatSend")
 
 
-def run(coro):
-    asyncio.run(asyncio.wait_for(coro, 180))
-
-
 def test_two_pages_call_chat_hang_up_and_peer_left(server):
     """Page A calls page B by id; they chat over the data channel; hang-up and a closed page end the call."""
 
@@ -123,7 +120,7 @@ def test_two_pages_call_chat_hang_up_and_peer_left(server):
             assert gone not in server.users()
             assert b.errors == []
 
-    run(go())
+    run(go(), timeout=180)
 
 
 def test_aiortc_calls_a_chromium_page(server):
@@ -147,7 +144,7 @@ def test_aiortc_calls_a_chromium_page(server):
             await page.wait_for_selector("#log >> text=call ended: peer_left")
             assert b.errors == []
 
-    run(go())
+    run(go(), timeout=180)
 
 
 def test_two_aiortc_peers_with_trickled_candidates(server, monkeypatch):
@@ -177,7 +174,7 @@ def test_two_aiortc_peers_with_trickled_candidates(server, monkeypatch):
             await caller.close()
             await callee.close()
 
-    run(go())
+    run(go(), timeout=180)
 
 
 def test_client_module_served(server):
