@@ -1,6 +1,7 @@
 """Tier 1: parsing and encoding frames (signaling.messages), pure."""
 
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -127,3 +128,15 @@ def test_parse_never_raises_anything_else(payload):
         messages.parse(text.encode())
     except SignalingError as e:
         assert e.code in ("invalid-json", "invalid-message", "unknown-type")
+
+
+@given(st.binary(max_size=120) | st.text(alphabet="0123456789 .-e,", max_size=80).map(str.encode))
+def test_long_digit_run_check_matches_its_definition(payload):
+    """The fast check finds a run of 20 ASCII digits exactly when a regular expression does."""
+    assert messages._has_long_digit_run(payload) == (re.search(rb"[0-9]{20}", payload) is not None)
+
+
+def test_long_digit_run_boundaries():
+    assert messages._has_long_digit_run(b'{"n":18446744073709551616}')
+    assert not messages._has_long_digit_run(b'{"n":1844674407370955161}')  # 19 digits: orjson keeps it
+    assert not messages._has_long_digit_run(b'{"a":1234567890,"b":1234567890}')
