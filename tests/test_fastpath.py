@@ -171,3 +171,36 @@ def test_server_frame_header(payload):
         assert out[1] == 126 and struct.unpack("!H", out[2:4])[0] == len(payload) and out[4:] == payload
     else:
         assert out[1] == 127 and struct.unpack("!Q", out[2:10])[0] == len(payload) and out[10:] == payload
+
+
+def test_frames_from_one_read_reach_a_peer_in_one_write():
+    """Relays that one read gives a peer are written to it together, in order, with one write."""
+    h = Harness(rate=0)
+    a, b = h.connect(), h.connect()
+    h.pair(a, b)
+    to_a = a.server.transport
+    writes = len(to_a.stream)
+    frames = paired_frames([("text", msg(size=n)) for n in range(5)])
+    b.server.dataReceived(b"".join(frames))
+    assert len(to_a.stream) == writes + 1 and to_a.stream[-1].count(b"\x81") == 5
+    h.flush()
+    assert [m["data"]["sdp"] for m in a.take()] == ["x" * n for n in range(5)]
+
+
+def test_held_frames_go_before_a_close_frame():
+    """A flooder's rate-limit errors reach it before the 1008 close frame, on both paths."""
+    def flooded(fast):
+        h = Harness(rate=1, burst=2, flood_strikes=3)
+        a, b = h.connect(), h.connect()
+        h.pair(a, b)
+        server = b.server
+        h.pumps.remove(next(p for p in h.pumps if p.server is server))
+        server.fast_path = fast
+        server.dataReceived(b"".join(paired_frames([("text", msg())] * 8)))
+        return b"".join(server.transport.stream)
+
+    fast, slow = flooded(True), flooded(False)
+    assert fast == slow
+    assert fast.count(b"rate-limited") == 2
+    close = fast.index(b"\x88")
+    assert close > fast.rindex(b"rate-limited") and b"message rate limit exceeded" in fast[close:]
