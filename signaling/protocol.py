@@ -27,6 +27,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 
 from signaling import messages
@@ -329,6 +330,14 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             self._error(e.code, e.message, e.ref)
             return
         self._enqueue(lambda: self._process(message, len(payload)))
+
+    def connectionLost(self, reason=connectionDone):
+        WebSocketServerProtocol.connectionLost(self, reason)
+        # Autobahn resolves ``is_closed`` with the protocol itself: a
+        # reference cycle that would leave every closed connection (some 20
+        # objects) to Python's cyclic garbage collector instead of freeing
+        # it at once.  Nothing waits on it here.
+        self.is_closed = None
 
     def onClose(self, wasClean, code, reason):
         if self._counted:

@@ -12,7 +12,6 @@ import ipaddress
 import re
 import socket
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import fail, maybeDeferred, succeed
@@ -22,10 +21,11 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from signaling import __version__
+from signaling.gcpolicy import GenerationalFreeze
 from signaling.protocol import Settings, SignalingFactory
 from signaling.registry import Registry
 from signaling.tokens import read_secret
-from signaling.web import SignalingWeb
+from signaling.web import SignalingWeb, WebSocketTakeover
 
 _DEFAULTS = Settings()
 
@@ -92,6 +92,11 @@ class Options(usage.Options):
          "Seconds to wait for WebSockets to close on shutdown.", _non_negative(float, "drain-timeout")],
         ["summary-interval", None, 60.0,
          "Seconds between summary log lines (users, pairs).", _non_negative(float, "summary-interval")],
+        ["gc-full-interval", None, 600.0,
+         "Seconds between full garbage collections of the whole heap; in between, what "
+         "survives a collection is frozen (gc.freeze), so that collections do not pause "
+         "for every open connection.  0 leaves Python's collector as it is.",
+         _non_negative(float, "gc-full-interval")],
         ["max-connections", None, _DEFAULTS.max_connections,
          "WebSockets allowed at once in total; more are refused with HTTP 503.",
          _positive(int, "max-connections")],
@@ -379,11 +384,11 @@ def make_factory(options: Options, registry, reactor) -> SignalingFactory:
 def make_site(options: Options, registry, factory) -> Site:
     web = SignalingWeb(
         registry,
-        WebSocketResource(factory),
+        WebSocketTakeover(factory),
         stats_token=options.stats_token,
         hide_ip=bool(options["stats-hide-ip"]),
     )
-    return Site(web.app.resource())
+    return Site(web.resource())
 
 
 def make_registry(options: Options, reactor):
@@ -419,4 +424,7 @@ def makeService(options: Options, reactor=None) -> SignalingService:
         timer = TimerService(options["summary-interval"], log_summary, registry)
         timer.clock = reactor
         timer.setServiceParent(service)
+    if options["gc-full-interval"] > 0:
+        # last: what the other services made at startup is frozen too
+        GenerationalFreeze(reactor, options["gc-full-interval"]).setServiceParent(service)
     return service

@@ -13,8 +13,11 @@ import json
 from datetime import datetime, timezone
 from importlib import resources
 
+from autobahn.twisted.resource import WebSocketResource
 from klein import Klein
 from twisted.internet.defer import maybeDeferred
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 
 def iso_utc(seconds: float) -> str:
@@ -45,6 +48,46 @@ def static_file(name: str) -> bytes:
     return resources.files("signaling").joinpath("static", name).read_bytes()
 
 
+class WebSocketTakeover(WebSocketResource):
+    """
+    Autobahn's resource for a WebSocket on the HTTP port (``/ws``), with the
+    HTTP request untied once the WebSocket has taken its connection over.
+    The request is never finished, so it and its channel would keep
+    referring to each other (and to the connection) in a reference cycle,
+    left for the cycle collector; untied, they are freed when the upgrade
+    is done.
+    """
+
+    def render(self, request):
+        result = super().render(request)
+        if result == NOT_DONE_YET:
+            channel = request.channel
+            if channel is not None and request in channel.requests:
+                channel.requests.remove(request)
+            request.notifications = []  # nothing will ever fire them: the channel is gone
+        return result
+
+
+class Root(Resource):
+    """
+    The HTTP port: ``/ws`` goes straight to the WebSocket resource and
+    everything else to the Klein app.  (Klein's and werkzeug's routing
+    leave each request they handle in reference cycles; an upgraded
+    WebSocket would tie its whole connection to them.)
+    """
+
+    def __init__(self, app_resource, ws_resource):
+        super().__init__()
+        self.app_resource = app_resource
+        self.ws_resource = ws_resource
+
+    def getChildWithDefault(self, name, request):
+        if name == b"ws" and not request.postpath and self.ws_resource is not None:
+            return self.ws_resource
+        request.postpath.insert(0, request.prepath.pop())  # the app sees the whole path
+        return self.app_resource
+
+
 class SignalingWeb:
     """
     The HTTP routes.
@@ -66,6 +109,10 @@ class SignalingWeb:
         self.hide_ip = hide_ip
         self.test_page = static_file("test.html")
         self.client_module = static_file("signaling.js")
+
+    def resource(self):
+        """The resource to serve: the routes below, with ``/ws`` taken first."""
+        return Root(self.app.resource(), self.ws_resource)
 
     @app.route("/api/stats", methods=["GET", "HEAD"])
     def stats(self, request):

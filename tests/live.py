@@ -104,17 +104,20 @@ class ServerProcess:
             raise AssertionError("server exited:\n" + self.output())
         return line
 
-    def wait_for_line(self, pattern, timeout=20.0):
-        """Wait until a log line matching ``pattern`` (a regex) appears; return it."""
+    def wait_for_line(self, pattern, timeout=20.0, since=0):
+        """
+        Wait until a log line matching ``pattern`` (a regex) appears, counting
+        only lines from index ``since`` of ``self.lines`` on; return it.
+        """
         rx = re.compile(pattern)
-        for line in list(self.lines):
-            if rx.search(line):
-                return line
         deadline = time.monotonic() + timeout
         while True:
-            line = self._next_line(deadline)
-            if rx.search(line):
-                return line
+            lines = self.lines[since:]
+            for line in lines:
+                if rx.search(line):
+                    return line
+            since += len(lines)
+            self._next_line(deadline)  # wait for more output
 
     def output(self):
         return "\n".join(self.lines[-200:])

@@ -82,8 +82,10 @@ def test_make_service_listens_as_configured():
 def test_ws_none_serves_only_http():
     """--ws=none listens on the HTTP endpoint only."""
     reactor = MemoryReactorClock()
-    makeService(parse("--ws=none"), reactor).startService()
+    service = makeService(parse("--ws=none"), reactor)
+    service.startService()
     assert [port for port, *_ in reactor.tcpServers] == [3000]
+    service.stopService()
 
 
 def test_summary_timer_uses_the_reactor_clock():
@@ -99,6 +101,28 @@ def test_summary_timer_uses_the_reactor_clock():
     summaries = [e for e in events if e.get("log_namespace") == "signaling.summary"]
     assert len(summaries) == 3  # at start, then every 30 s
     assert summaries[-1]["users"] == 0
+    service.stopService()
+
+
+def test_gc_policy_wired_on_the_reactor_clock():
+    """--gc-full-interval runs the periodic full collection on the reactor's clock; 0 leaves the collector alone."""
+    import gc
+
+    from signaling.gcpolicy import GenerationalFreeze
+
+    assert not any(isinstance(s, GenerationalFreeze) for s in makeService(parse("--gc-full-interval=0"),
+                                                                          MemoryReactorClock()))
+    reactor = MemoryReactorClock()
+    service = makeService(parse("--gc-full-interval=120"), reactor)
+    policy = next(s for s in service if isinstance(s, GenerationalFreeze))
+    service.startService()
+    try:
+        assert gc.get_freeze_count() > 0
+        reactor.advance(120)
+        assert policy.full_collections == 1
+    finally:
+        service.stopService()
+    assert gc.get_freeze_count() == 0
 
 
 def test_security_options(tmp_path):

@@ -26,7 +26,7 @@ def setup():
     clock.advance(1_757_422_800.5)  # 2025-09-09T13:00:00.500Z
     registry = Registry(clock)
     web = SignalingWeb(registry, Marker())
-    return registry, clock, StubTreq(web.app.resource())
+    return registry, clock, StubTreq(web.resource())
 
 
 def get(treq, url, **kwargs):
@@ -142,7 +142,7 @@ def test_ws_route_serves_the_websocket_resource(setup):
 
 def test_ws_route_without_resource_is_404():
     """Without a WebSocket resource, /ws answers 404."""
-    treq = StubTreq(SignalingWeb(Registry(Clock())).app.resource())
+    treq = StubTreq(SignalingWeb(Registry(Clock())).resource())
     response, _ = get(treq, "http://localhost/ws")
     assert response.code == 404
 
@@ -158,7 +158,7 @@ def test_stats_token_required():
     """With a stats token, /api/stats answers 401 without it or with a wrong one, 200 with it."""
     registry = Registry(Clock())
     registry.add("u1", "127.0.0.1")
-    treq = StubTreq(SignalingWeb(registry, stats_token="s3cret-token").app.resource())
+    treq = StubTreq(SignalingWeb(registry, stats_token="s3cret-token").resource())
     response, body = get(treq, "http://localhost/api/stats")
     assert response.code == 401
     assert response.headers.getRawHeaders("www-authenticate") == ['Bearer realm="signaling stats"']
@@ -175,7 +175,7 @@ def test_stats_hide_ip():
     """With hide_ip the ip of every user is null; the rest of the shape is unchanged."""
     registry = Registry(Clock())
     registry.add("u1", "127.0.0.1")
-    treq = StubTreq(SignalingWeb(registry, hide_ip=True).app.resource())
+    treq = StubTreq(SignalingWeb(registry, hide_ip=True).resource())
     _, body = get(treq, "http://localhost/api/stats")
     [user] = json.loads(body)["users"]
     assert user["ip"] is None and user["id"] == "u1" and set(user) == {
