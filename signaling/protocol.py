@@ -499,7 +499,20 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         self.send(messages.encode(messages.welcome(self.peer_id)))
 
     def _process(self, message: messages.Message, size: int):
-        operation = getattr(self.factory.registry, _OPERATIONS[message.type])
+        factory = self.factory
+        operation_name = _OPERATIONS[message.type]
+        if operation_name == "check_paired" and message.to not in factory.connections:
+            check_and_route = getattr(factory.registry, "check_and_route", None)
+            if check_and_route is not None:  # a peer elsewhere in a cluster: one round trip
+                sender = self.peer_id
+                payload = messages.encode(messages.relay(message.type, sender, message.data))
+                return check_and_route(sender, message.to, payload).addCallbacks(
+                    self._relayed,
+                    self._refused,
+                    callbackArgs=(message, sender, size),
+                    errbackArgs=(message,),
+                )
+        operation = getattr(factory.registry, operation_name)
         try:
             result = operation(self.peer_id, message.to)
         except SignalingError as e:

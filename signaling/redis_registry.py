@@ -141,6 +141,16 @@ set(ARGV[2], a, 'idle', '')
 if b.t == ARGV[2] then set(ARGV[3], b, 'idle', '') end
 return trans
 """,
+    # ARGV: prefix, sender, to, frame -> check_paired's error, or {'', receivers of
+    # the publish on the target's node}: the check and the delivery in one round trip
+    "check_and_route": r"""
+local a, b, err = pair(ARGV[2], ARGV[3])
+if err then return err end
+if not (a.s == 'connected' and a.t == ARGV[3]) then
+  return {'invalid-state', 'you are not connected to that peer; pair with ping/pong first'}
+end
+return {'', redis.call('PUBLISH', P .. 'to:' .. b.n, ARGV[3] .. '\n' .. ARGV[4])}
+""",
     # ARGV: prefix, to, frame -> receivers of the publish, or -1 if no such peer
     "route": r"""
 local p = get(ARGV[2])
@@ -374,6 +384,21 @@ class RedisRegistry(Service):
 
     def disconnect(self, sender, to):
         return self._run("disconnect", sender, to).addCallback(_transitions)
+
+    def check_and_route(self, sender, to, frame: bytes):
+        """
+        ``check_paired`` and, if it passes, ``route``, in one round trip to
+        Redis (for a peer on another node); fires with whether a node took
+        the frame, or fails as ``check_paired`` would.
+        """
+        d = self._run("check_and_route", sender, to, frame.decode("utf-8"))
+
+        def routed(reply):
+            if reply[0] not in ("", b""):
+                _transitions(reply)  # raises the script's error
+            return reply[1] > 0
+
+        return d.addCallback(routed)
 
     def route(self, to, frame: bytes):
         """Publish a frame for a peer on another node; fires with whether a node took it."""

@@ -114,6 +114,13 @@ class IRegistry(Interface):
 
     Every method may return its result directly or as a ``Deferred`` that
     fires with it (or fails with a :class:`SignalingError`).
+
+    A registry shared by several processes may also provide
+    ``route(to, frame)``, which delivers a frame to a peer connected to
+    another process and returns whether one took it, and
+    ``check_and_route(sender, to, frame)``, which does ``check_paired`` and
+    ``route`` in one step; the protocol uses them for peers not connected
+    to its own process.
     """
 
     def add(peer_id, ip):

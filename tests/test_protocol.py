@@ -369,3 +369,49 @@ def test_open_connections_drop_handshake_state(h):
     h.pair(a, b)
     h.send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": "v=0"}})
     assert b.take() == [{"type": "offer", "from": a.peer_id, "data": {"sdp": "v=0"}}]
+
+
+def test_relay_to_a_peer_elsewhere_checks_and_routes_in_one_call():
+    """
+    A registry shared with other nodes may offer check_and_route: offers,
+    answers and candidates for a peer not connected here use it (one round
+    trip) instead of check_paired then route; local peers keep the local path.
+    """
+    from twisted.internet.defer import succeed
+
+    h = Harness()
+    calls = []
+
+    class Cluster:
+        def __getattr__(self, name):
+            return getattr(h.registry, name)
+
+        def route(self, to, frame):
+            calls.append(("route", to, json.loads(frame)))
+            return succeed(True)
+
+        def check_and_route(self, sender, to, frame):
+            calls.append(("check_and_route", to, json.loads(frame)))
+            try:
+                h.registry.check_paired(sender, to)
+            except SignalingError:
+                return fail()
+            return succeed(True)
+
+    h.factory.registry = Cluster()
+    a, b, c = h.connect(), h.connect(), h.connect()
+    h.registry.add("remote", "10.0.0.2")
+    h.send(a, {"type": "ping", "to": "remote"})
+    h.registry.pong("remote", a.peer_id)
+    h.send(a, {"type": "offer", "to": "remote", "data": {"sdp": "v=0"}})
+    assert calls == [
+        ("route", "remote", {"type": "ping", "from": a.peer_id, "data": {}}),
+        ("check_and_route", "remote", {"type": "offer", "from": a.peer_id, "data": {"sdp": "v=0"}}),
+    ]
+    assert a.take() == []
+    h.send(b, {"type": "answer", "to": "remote"})  # not paired with it: refused as check_paired would
+    assert errors(b) == [("invalid-state", "answer")]
+    h.pair(b, c)
+    calls.clear()
+    h.send(b, {"type": "offer", "to": c.peer_id})  # a local peer: no round trip
+    assert calls == [] and c.take() == [{"type": "offer", "from": b.peer_id, "data": {}}]
