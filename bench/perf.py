@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,11 @@ class Proc:
 
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
+    def cpu_seconds(self):
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_kib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
@@ -77,12 +83,26 @@ def start(name):
     return Proc(name, pinned(0, [sys.executable, os.path.join(HERE, "baseline_server.py")]))
 
 
-def loadgen(*args):
+def loadgen(*args, server=None):
+    """
+    Run one scenario; with ``server``, also report the CPU time the server
+    and the generator used over the whole run (setup included), as
+    fractions of its wall time: whichever is near 1.0 is the bottleneck.
+    """
+    started, server_cpu = time.monotonic(), server.cpu_seconds() if server else 0.0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(pinned(1, [sys.executable, os.path.join(HERE, "loadgen.py"), *args]),
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"loadgen failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if server is not None:
+        wall = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        generator = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+        result["cpu_busy"] = {"server": round((server.cpu_seconds() - server_cpu) / wall, 2),
+                              "generator": round(generator / wall, 2)}
+    return result
 
 
 def idle_rss(server, n):
@@ -112,7 +132,8 @@ def run_all(args):
         try:
             for pairs, inflight in ((50, 1), (50, 8), (200, 4)):
                 r[f"relay_p{pairs}_w{inflight}"] = loadgen("relay", server.url, "--pairs", str(pairs),
-                                                            "--inflight", str(inflight), "--seconds", seconds)
+                                                            "--inflight", str(inflight), "--seconds", seconds,
+                                                            server=server)
             r["rate_p50_2000"] = loadgen("rate", server.url, "--pairs", "50", "--rate", "2000", "--seconds", seconds)
         finally:
             server.stop()
