@@ -447,7 +447,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             except Exception:
                 self._log.failure("operation failed for peer {peer}", peer=self.peer_id)
                 result = None
-            if isinstance(result, Deferred):
+            if _is_deferred(result):
                 result.addErrback(
                     lambda f: self._log.failure(
                         "operation failed for peer {peer}", f, peer=self.peer_id
@@ -468,7 +468,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
 
     def _join(self):
         result = self.factory.join(self)
-        if isinstance(result, Deferred):
+        if _is_deferred(result):
             return result.addCallbacks(self._welcome, self._join_failed)
         return self._welcome(result)
 
@@ -518,7 +518,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         except SignalingError as e:
             self._error(e.code, e.message, message.type)
             return None
-        if isinstance(result, Deferred):
+        if _is_deferred(result):
             return result.addCallbacks(
                 self._relay,
                 self._refused,
@@ -538,12 +538,13 @@ class SignalingServerProtocol(WebSocketServerProtocol):
 
     def _relay(self, transitions, message: messages.Message, size: int):
         sender = self.peer_id
-        self.factory.log_transitions(transitions)
+        if transitions:
+            self.factory.log_transitions(transitions)
         payload = messages.encode(messages.relay(message.type, sender, message.data))
-        return _then(
-            self.factory.deliver(message.to, payload),
-            lambda delivered: self._relayed(delivered, message, sender, size),
-        )
+        delivered = self.factory.deliver(message.to, payload)
+        if _is_deferred(delivered):
+            return delivered.addCallback(self._relayed, message, sender, size)
+        return self._relayed(delivered, message, sender, size)
 
     def _relayed(self, delivered, message: messages.Message, sender: str, size: int) -> None:
         if not delivered:
@@ -563,9 +564,18 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             )
 
 
+# What registry operations and deliveries answer when they answer at once
+# (an isinstance check against Deferred, an abstract class, costs ~4x more)
+_PLAIN = frozenset({type(None), bool, list, tuple})
+
+
+def _is_deferred(result) -> bool:
+    return type(result) not in _PLAIN and isinstance(result, Deferred)
+
+
 def _then(result, callback):
     """Apply ``callback`` to a plain result now, or to a Deferred's result later."""
-    if isinstance(result, Deferred):
+    if _is_deferred(result):
         return result.addCallback(callback)
     return callback(result)
 
@@ -656,7 +666,7 @@ class SignalingFactory(WebSocketServerFactory):
             how="clean" if clean else "not clean",
         )
         result = _then(self.registry.remove(peer_id), lambda t: self._left(peer_id, t))
-        if isinstance(result, Deferred):
+        if _is_deferred(result):
             result.addErrback(
                 lambda f: self._log.warn("peer {peer} not removed from the registry: {why}",
                                          peer=peer_id, why=f.getErrorMessage())
@@ -671,7 +681,7 @@ class SignalingFactory(WebSocketServerFactory):
         pending = []
         for t in transitions:
             result = _then(self.deliver(t.peer, payload), lambda ok, to=t.peer: self._told(ok, gone, to))
-            if isinstance(result, Deferred):
+            if _is_deferred(result):
                 pending.append(result)
         return DeferredList(pending) if pending else None
 
