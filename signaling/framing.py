@@ -42,12 +42,13 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
-def write(transport, data: bytes) -> None:
+def write(transport, data: bytes) -> bool:
     """
     Write to a transport, trying the socket at once when nothing is queued
     on a plain TCP connection: that saves Twisted's register-for-writable
     round trip through the reactor (two epoll_ctl calls and a wakeup) per
     message.  Anything not sent at once goes through ``transport.write``.
+    Return whether the socket took all of it (then nothing waits unsent).
     """
     if (
         type(transport) is tcp.Server
@@ -60,6 +61,7 @@ def write(transport, data: bytes) -> None:
         written = transport.writeSomeData(data)
         if isinstance(written, int):
             if written == len(data):
-                return
+                return True
             data = data[written:]
     transport.write(data)
+    return False

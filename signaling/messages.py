@@ -37,6 +37,9 @@ class Message(NamedTuple):
     data: Any
 
 
+_message = tuple.__new__  # Message(...) without its Python-level __new__: this is the hot path
+
+
 def _no_constants(name):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -128,7 +131,7 @@ def parse(payload: bytes) -> Message:
             )
     else:
         data = {}
-    return Message(kind, to, data)
+    return _message(Message, (kind, to, data))
 
 
 def encode(obj: Any) -> bytes:

@@ -329,7 +329,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         except SignalingError as e:
             self._error(e.code, e.message, e.ref)
             return
-        self._enqueue(lambda: self._process(message, len(payload)))
+        self._enqueue(self._process, message, len(payload))
 
     def connectionLost(self, reason=connectionDone):
         WebSocketServerProtocol.connectionLost(self, reason)
@@ -346,7 +346,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             return  # the opening handshake never completed
         peer_id = self.peer_id
         self.peer_id = None
-        self._enqueue(lambda: self.factory.leave(self, peer_id, wasClean, code))
+        self._enqueue(self.factory.leave, self, peer_id, wasClean, code)
 
     # -- sending ------------------------------------------------------------
 
@@ -368,15 +368,16 @@ class SignalingServerProtocol(WebSocketServerProtocol):
                 else:
                     frames.append(frame)
                 return True
-            write(self.transport, frame)
+            if write(self.transport, frame):
+                return True  # all taken by the socket: nothing waits
         else:
             self.sendMessage(payload, isBinary=False)
         return not self._over_outbound()
 
     def _uncork(self, frames) -> None:
         """Write the frames held for this peer while a read was processed."""
-        write(self.transport, frames[0] if len(frames) == 1 else b"".join(frames))
-        self._over_outbound()
+        if not write(self.transport, frames[0] if len(frames) == 1 else b"".join(frames)):
+            self._over_outbound()
 
     def sendData(self, data, sync=False, chopsize=None):
         # Everything Autobahn writes (close frames, pongs) comes through
@@ -427,23 +428,23 @@ class SignalingServerProtocol(WebSocketServerProtocol):
 
     # -- operations, run in arrival order -----------------------------------
 
-    def _enqueue(self, operation) -> None:
+    def _enqueue(self, operation, *args) -> None:
         """
-        Run ``operation`` (a callable returning a value or a ``Deferred``)
-        now, or after the operations of this connection still in flight.
+        Run ``operation(*args)`` (returning a value or a ``Deferred``) now,
+        or after the operations of this connection still in flight.
         """
         if self._busy:
             if self._queue is None:
                 self._queue = deque()
-            self._queue.append(operation)
+            self._queue.append((operation, args))
             return
         self._busy = True
-        self._run(operation)
+        self._run(operation, args)
 
-    def _run(self, operation) -> None:
+    def _run(self, operation, args) -> None:
         while True:
             try:
-                result = operation()
+                result = operation(*args)
             except Exception:
                 self._log.failure("operation failed for peer {peer}", peer=self.peer_id)
                 result = None
@@ -458,11 +459,11 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             if not self._queue:
                 self._busy = False
                 return
-            operation = self._queue.popleft()
+            operation, args = self._queue.popleft()
 
     def _next(self) -> None:
         if self._queue:
-            self._run(self._queue.popleft())
+            self._run(*self._queue.popleft())
         else:
             self._busy = False
 
