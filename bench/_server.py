@@ -1,7 +1,13 @@
-"""Start the installed server for a benchmark (loopback, free ports) and read its memory."""
+"""
+Start a server for a benchmark (loopback, free ports), optionally pinned to
+one core, and read its memory and CPU time.  The installed ``twistd
+signaling`` by default; any command that logs ``ws listening on HOST:PORT``
+and then ``ready`` (the naive baseline) with ``argv=``.
+"""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -9,16 +15,24 @@ import threading
 import time
 
 
+def pinned(core, argv):
+    """``argv`` under ``taskset -c core`` where taskset exists (and core is not None)."""
+    if core is None or not shutil.which("taskset"):
+        return list(argv)
+    return ["taskset", "-c", str(core), *argv]
+
+
 class Server:
-    def __init__(self, *args):
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    def __init__(self, *args, core=None, argv=None, python=None):
         self.tmp = tempfile.mkdtemp(prefix="signaling-bench-")
-        listen = ["--http=tcp:0:interface=127.0.0.1"]
-        if not any(a.startswith("--ws=") for a in args):
-            listen.append("--ws=tcp:0:interface=127.0.0.1")
+        if argv is None:
+            twistd = os.path.join(os.path.dirname(python or sys.executable), "twistd")
+            listen = ["--http=tcp:0:interface=127.0.0.1"]
+            if not any(a.startswith("--ws=") for a in args):
+                listen.append("--ws=tcp:0:interface=127.0.0.1")
+            argv = [twistd, "-n", "--pidfile=", "signaling", *listen, "--summary-interval=0", *args]
         self.proc = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "signaling", *listen, "--summary-interval=0", *args],
-            cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            pinned(core, argv), cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.ports = {}
         self.lines = []
@@ -32,9 +46,12 @@ class Server:
                 break
             if time.monotonic() > deadline:
                 raise SystemExit("server did not start")
+        if "ws" not in self.ports:
+            self.stop()
+            raise SystemExit("server did not start:\n" + "".join(self.lines[-20:]))
         threading.Thread(target=self._drain, daemon=True).start()
         self.ws = f"ws://127.0.0.1:{self.ports['ws']}/"
-        self.http = f"http://127.0.0.1:{self.ports['http']}"
+        self.http = f"http://127.0.0.1:{self.ports['http']}" if "http" in self.ports else None
 
     def _drain(self):
         for line in self.proc.stdout:
@@ -49,9 +66,16 @@ class Server:
                     return int(line.split()[1])
         return 0
 
+    def cpu_seconds(self):
+        """User plus system CPU time the process has used so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def alive(self):
         return self.proc.poll() is None
 
     def stop(self):
         self.proc.terminate()
         self.proc.wait(30)
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -17,17 +17,15 @@ docs/performance.rst) and the per-relay log line off.
 import argparse
 import json
 import os
-import platform
-import re
 import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BIN = os.path.dirname(sys.executable)
+sys.path.insert(0, HERE)
+from _server import Server, pinned  # noqa: E402
 
 OURS = [
     "--rate=5000", "--burst=10000", "--max-connections=30000", "--max-connections-per-ip=30000",
@@ -35,52 +33,11 @@ OURS = [
 ]
 
 
-def pinned(core, argv):
-    return (["taskset", "-c", str(core)] if shutil.which("taskset") else []) + argv
-
-
-class Proc:
-    def __init__(self, name, argv):
-        self.name = name
-        self.tmp = tempfile.mkdtemp(prefix="signaling-perf-")
-        self.proc = subprocess.Popen(argv, cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
-        self.port = None
-        for line in self.proc.stdout:
-            m = re.search(r"ws listening on \S+:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-            if " ready" in line:
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{name} did not start")
-        self.url = f"ws://127.0.0.1:{self.port}/"
-        # keep reading its output so that it never blocks
-        import threading
-
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-
-    def cpu_seconds(self):
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_kib(self):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
-def start(name):
+def start(name, python=None):
+    """Our server or the baseline, pinned to core 0, on ``python`` (default: this interpreter)."""
     if name == "ours":
-        return Proc(name, pinned(0, [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "signaling",
-                                     "--http=tcp:0:interface=127.0.0.1", "--ws=tcp:0:interface=127.0.0.1", *OURS]))
-    return Proc(name, pinned(0, [sys.executable, os.path.join(HERE, "baseline_server.py")]))
+        return Server(*OURS, core=0, python=python)
+    return Server(core=0, argv=[python or sys.executable, os.path.join(HERE, "baseline_server.py")])
 
 
 def loadgen(*args, server=None):
@@ -108,7 +65,7 @@ def loadgen(*args, server=None):
 def idle_rss(server, n):
     """Open n idle connections from a load generator; return the server's RSS per connection (KiB)."""
     before = server.rss_kib()
-    gen = subprocess.Popen(pinned(1, [sys.executable, os.path.join(HERE, "loadgen.py"), "idle", server.url,
+    gen = subprocess.Popen(pinned(1, [sys.executable, os.path.join(HERE, "loadgen.py"), "idle", server.ws,
                                       "-n", str(n), "--hold", "600"]),
                            stdout=subprocess.PIPE, text=True)
     line = gen.stdout.readline()  # printed once every connection is welcomed
@@ -121,28 +78,36 @@ def idle_rss(server, n):
             "kib_per_connection": round((during - before) / opened, 2)}
 
 
+def runtime(python):
+    out = subprocess.run([python or sys.executable, "-c", "import platform; "
+                          "print(platform.python_implementation(), platform.python_version())"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def run_all(args):
     seconds = "2" if args.quick else "5"
-    results = {"machine": {"python": platform.python_implementation() + " " + platform.python_version(),
+    timing = ["--seconds", seconds, "--warmup", str(args.warmup)]
+    results = {"machine": {"python": runtime(args.python), "load_generator": runtime(None),
                            "cores": os.cpu_count(), "taskset": bool(shutil.which("taskset"))},
                "ours_options": OURS, "runs": {}}
     for name in ("ours", "baseline"):
         r = results["runs"][name] = {}
-        server = start(name)
+        server = start(name, args.python)
         try:
             for pairs, inflight in ((50, 1), (50, 8), (200, 4)):
-                r[f"relay_p{pairs}_w{inflight}"] = loadgen("relay", server.url, "--pairs", str(pairs),
-                                                            "--inflight", str(inflight), "--seconds", seconds,
-                                                            server=server)
-            r["rate_p50_2000"] = loadgen("rate", server.url, "--pairs", "50", "--rate", "2000", "--seconds", seconds)
+                r[f"relay_p{pairs}_w{inflight}"] = loadgen("relay", server.ws, "--pairs", str(pairs),
+                                                            "--inflight", str(inflight), *timing, server=server)
+            r["rate_p50_2000"] = loadgen("rate", server.ws, "--pairs", "50", "--rate", "2000", *timing)
+            r["rss_after_relays_kib"] = server.rss_kib()
         finally:
             server.stop()
-        server = start(name)  # fresh process for the connection scenarios
+        server = start(name, args.python)  # fresh process for the connection scenarios
         try:
-            r["burst_10000_c200"] = loadgen("burst", server.url, "-n", str(args.burst), "-c", "200")
+            r["burst_10000_c200"] = loadgen("burst", server.ws, "-n", str(args.burst), "-c", "200")
         finally:
             server.stop()
-        server = start(name)
+        server = start(name, args.python)
         try:
             r["idle"] = idle_rss(server, args.idle)
         finally:
@@ -191,6 +156,10 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--burst", type=int, default=10000)
     parser.add_argument("--idle", type=int, default=10000)
+    parser.add_argument("--python", default=None,
+                        help="interpreter to run both servers on (e.g. a PyPy venv's python, with the server "
+                             "installed there); the load generator runs on this one")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring (a JIT needs more)")
     args = parser.parse_args()
     results = run_all(args)
     print(json.dumps(results, indent=2))
