@@ -207,23 +207,8 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         from the first frame that is not (or is incomplete) on, for Autobahn,
         which then handles them exactly as it would have.
         """
-        factory = self.factory
-        if factory.corked is not None:  # pragma: no cover - reads do not nest
-            return self._frames(data)
-        # Frames sent while this read is processed are held and written per
-        # peer when it is done: one send() for all the frames one read gives
-        # a peer, instead of one each (the system call is most of the cost
-        # of a relay).  Under light load a read holds one frame and nothing
-        # waits; under heavy load the batches grow by themselves.
-        factory.corked = {}
-        try:
-            return self._frames(data)
-        finally:
-            corked, factory.corked = factory.corked, None
-            for proto, frames in corked.items():
-                proto._uncork(frames)
-
-    def _frames(self, data: bytes) -> bytes:
+        if self.factory.corked is None:
+            self.factory.cork()
         pos, end = 0, len(data)
         limit = self.maxMessagePayloadSize
         while end - pos >= 6 and data[pos] == 0x81:
@@ -361,7 +346,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         if self.fast_path and self.send_state == WebSocketProtocol.SEND_STATE_GROUND:
             frame = text_frame(payload)
             corked = self.factory.corked
-            if corked is not None:  # a read is being processed: written when it is done
+            if corked is not None:  # held until this reactor iteration is done
                 frames = corked.get(self)
                 if frames is None:
                     corked[self] = [frame]
@@ -375,7 +360,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         return not self._over_outbound()
 
     def _uncork(self, frames) -> None:
-        """Write the frames held for this peer while a read was processed."""
+        """Write the frames held for this peer (see SignalingFactory.uncork)."""
         if not write(self.transport, frames[0] if len(frames) == 1 else b"".join(frames)):
             self._over_outbound()
 
@@ -613,7 +598,7 @@ class SignalingFactory(WebSocketServerFactory):
         self.admitted = 0  # handshakes accepted and not yet closed
         self.per_ip = {}  # address -> admitted connections from it
         self.reserved = set()  # fixed peer ids (from tokens) of opening connections
-        self.corked = None  # peer -> frames held while a read is processed
+        self.corked = None  # peer -> frames held until the end of this reactor iteration
         self._batched_timer = ClockTimer(clock)
         self.setProtocolOptions(
             maxMessagePayloadSize=settings.max_message_size,
@@ -627,6 +612,33 @@ class SignalingFactory(WebSocketServerFactory):
             # 1007 bad UTF-8, 1002 protocol error), not a bare TCP drop
             failByDrop=False,
         )
+
+    # -- writing --------------------------------------------------------------
+
+    def cork(self) -> None:
+        """
+        Hold the frames sent from now on until the reactor has handled every
+        event of this iteration, then write them, one send() per peer (see
+        :meth:`uncork`).  The fast frame path corks on every read.
+        """
+        if self.corked is None:
+            self.corked = {}
+            # runs first thing in the next iteration, before the next poll
+            self.clock.callLater(0, self.uncork)
+
+    def uncork(self) -> None:
+        """
+        Write the held frames.  A relay costs little besides its system
+        calls, and send() on a socket is most of them: frames for the same
+        peer go in one call, and the calls come back to back, while their
+        readers are still awake.  Under light load an iteration holds a
+        frame or two and waits for nothing; under heavy load the batches
+        grow by themselves.
+        """
+        corked, self.corked = self.corked, None
+        if corked:
+            for proto, frames in corked.items():
+                proto._uncork(frames)
 
     # -- admission ----------------------------------------------------------
 

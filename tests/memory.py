@@ -94,9 +94,13 @@ class Harness:
         return client
 
     def flush(self):
-        """Move bytes both ways until nothing is left to move."""
+        """
+        Move bytes both ways until nothing is left to move (ending the
+        reactor iteration each round, which writes the frames it held).
+        """
         moved = True
         while moved:
+            self.clock.advance(0)
             moved = False
             for pump in self.pumps:
                 moved = pump.pump() or moved

@@ -173,15 +173,22 @@ def test_server_frame_header(payload):
         assert out[1] == 127 and struct.unpack("!Q", out[2:10])[0] == len(payload) and out[10:] == payload
 
 
-def test_frames_from_one_read_reach_a_peer_in_one_write():
-    """Relays that one read gives a peer are written to it together, in order, with one write."""
+def test_frames_of_one_reactor_iteration_reach_a_peer_in_one_write():
+    """
+    Relays sent while the reactor handles one iteration's reads are held,
+    then written to each peer together, in order, with one write, when the
+    iteration is done (the reactor's next turn, a callLater(0)).
+    """
     h = Harness(rate=0)
     a, b = h.connect(), h.connect()
     h.pair(a, b)
     to_a = a.server.transport
     writes = len(to_a.stream)
     frames = paired_frames([("text", msg(size=n)) for n in range(5)])
-    b.server.dataReceived(b"".join(frames))
+    b.server.dataReceived(b"".join(frames[:3]))  # two reads in one iteration
+    b.server.dataReceived(b"".join(frames[3:]))
+    assert len(to_a.stream) == writes  # held
+    h.clock.advance(0)  # the iteration ends
     assert len(to_a.stream) == writes + 1 and to_a.stream[-1].count(b"\x81") == 5
     h.flush()
     assert [m["data"]["sdp"] for m in a.take()] == ["x" * n for n in range(5)]
