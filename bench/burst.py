@@ -16,38 +16,14 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 
 import websockets
 
-
-def start_server(backlog):
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    tmp = tempfile.mkdtemp(prefix="signaling-bench-")
-    proc = subprocess.Popen(
-        [twistd, "-n", "--pidfile=", "signaling",
-         "--http=tcp:0:interface=127.0.0.1",
-         f"--ws=tcp:0:interface=127.0.0.1:backlog={backlog}",
-         "--summary-interval=0"],
-        cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.monotonic() + 30
-    for line in proc.stdout:
-        m = re.search(r"ws listening on \S+:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-        if " ready" in line:
-            break
-        if time.monotonic() > deadline:
-            raise SystemExit("server did not start")
-    # keep draining its output so that it never blocks on a full pipe
-    asyncio.get_event_loop().run_in_executor(None, lambda: [None for _ in proc.stdout])
-    return proc, f"ws://127.0.0.1:{port}/"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _server import Server  # noqa: E402
 
 
 async def one(url, results, limit):
@@ -68,10 +44,13 @@ def pct(values, p):
 async def main(args):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.n + 100)), hard))
-    proc = None
+    server = None
     url = args.url
     if url is None:
-        proc, url = start_server(args.backlog)
+        # every connection comes from 127.0.0.1: the per-address limit is raised for the run
+        server = Server(f"--ws=tcp:0:interface=127.0.0.1:backlog={args.backlog}",
+                        f"--max-connections-per-ip={args.n + 100}", f"--max-connections={args.n + 100}")
+        url = server.ws
     try:
         results = []
         limit = asyncio.Semaphore(args.c)
@@ -96,9 +75,8 @@ async def main(args):
         }
         print(json.dumps(report, indent=2))
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":
