@@ -638,7 +638,11 @@ class SignalingFactory(WebSocketServerFactory):
         corked, self.corked = self.corked, None
         if corked:
             for proto, frames in corked.items():
-                proto._uncork(frames)
+                try:
+                    proto._uncork(frames)
+                except Exception:  # one broken connection must not cost the others their frames
+                    self._log.failure("writing to peer {peer} failed", peer=proto.peer_id)
+                    proto.dropConnection(abort=True)
 
     # -- admission ----------------------------------------------------------
 

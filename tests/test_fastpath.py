@@ -211,3 +211,24 @@ def test_held_frames_go_before_a_close_frame():
     assert fast.count(b"rate-limited") == 2
     close = fast.index(b"\x88")
     assert close > fast.rindex(b"rate-limited") and b"message rate limit exceeded" in fast[close:]
+
+
+def test_a_failing_write_costs_other_peers_nothing():
+    """If writing one peer's held frames fails, the others still get theirs; the failure is logged."""
+    from twisted.logger import capturedLogs
+
+    h = Harness(rate=0)
+    a, b, c, d = h.connect(), h.connect(), h.connect(), h.connect()
+    h.pair(a, b)
+    h.pair(c, d)
+
+    def broken(data):
+        raise RuntimeError("broken transport")
+
+    b.server.transport.write = broken
+    a.server.dataReceived(frame(1, text({"type": "offer", "to": b.peer_id})))  # held for b
+    c.server.dataReceived(frame(1, text({"type": "offer", "to": d.peer_id})))  # held for d
+    with capturedLogs() as events:
+        h.flush()
+    assert d.take() == [{"type": "offer", "from": c.peer_id, "data": {}}]
+    assert any(e.get("log_failure") and "broken transport" in str(e["log_failure"].value) for e in events)
