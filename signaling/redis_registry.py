@@ -69,6 +69,15 @@ local function pair(a_id, b_id)
   if not b then return nil, nil, {'peer-not-found', 'no connected peer has that id'} end
   return a, b, nil
 end
+-- the offer/answer/ICE check: both registered, and the sender connected to the target
+local function paired(a_id, b_id)
+  local a, b, err = pair(a_id, b_id)
+  if err then return nil, nil, err end
+  if not (a.s == 'connected' and a.t == b_id) then
+    return nil, nil, {'invalid-state', 'you are not connected to that peer; pair with ping/pong first'}
+  end
+  return a, b, nil
+end
 -- forget a peer; its watchers go idle; with notify, they are sent peer_left
 local function drop(id, notify)
   local p = get(id)
@@ -126,11 +135,8 @@ end
 return {'invalid-state', 'that peer is not waiting for a pong from you'}
 """,
     "check_paired": r"""
-local a, b, err = pair(ARGV[2], ARGV[3])
+local a, b, err = paired(ARGV[2], ARGV[3])
 if err then return err end
-if not (a.s == 'connected' and a.t == ARGV[3]) then
-  return {'invalid-state', 'you are not connected to that peer; pair with ping/pong first'}
-end
 return trans
 """,
     "disconnect": r"""
@@ -144,11 +150,8 @@ return trans
     # ARGV: prefix, sender, to, frame -> check_paired's error, or {'', receivers of
     # the publish on the target's node}: the check and the delivery in one round trip
     "check_and_route": r"""
-local a, b, err = pair(ARGV[2], ARGV[3])
+local a, b, err = paired(ARGV[2], ARGV[3])
 if err then return err end
-if not (a.s == 'connected' and a.t == ARGV[3]) then
-  return {'invalid-state', 'you are not connected to that peer; pair with ping/pong first'}
-end
 return {'', redis.call('PUBLISH', P .. 'to:' .. b.n, ARGV[3] .. '\n' .. ARGV[4])}
 """,
     # ARGV: prefix, to, frame -> receivers of the publish, or -1 if no such peer

@@ -63,6 +63,8 @@ def test_contract_across_nodes(cluster):
         A, B = a.peer_id, b.peer_id
         await send(a, {"type": "offer", "to": B, "data": {}})
         assert (await recv(a))["code"] == "invalid-state"
+        await send(a, {"type": "answer", "to": "nobody", "data": {}})
+        assert (await recv(a))["code"] == "peer-not-found"
         await pair(a, b)
         s1, s2 = users(n1), users(n2)
         assert s1 == s2
