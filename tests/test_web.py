@@ -140,6 +140,14 @@ def test_ws_route_serves_the_websocket_resource(setup):
     assert body == b"websocket resource"
 
 
+def test_only_ws_itself_goes_to_the_websocket_resource(setup):
+    """/ws is taken before the app's routes; /ws/... and /wsx are not /ws."""
+    _, _, treq = setup
+    for path in ("/ws/", "/ws/x", "/wsx"):
+        response, body = get(treq, "http://localhost" + path)
+        assert response.code == 404 and body != b"websocket resource", path
+
+
 def test_ws_route_without_resource_is_404():
     """Without a WebSocket resource, /ws answers 404."""
     treq = StubTreq(SignalingWeb(Registry(Clock())).resource())
