@@ -3,6 +3,7 @@ Load generator (picows, its own process): speaks the wire contract to any
 server that does (ours, or the naive baseline), and prints one JSON report.
 
     python bench/loadgen.py relay URL --pairs 50 --inflight 1 --seconds 5
+    python bench/loadgen.py relay URL --url-b URL2     # pairs split over two nodes
     python bench/loadgen.py rate URL --pairs 50 --rate 2000 --seconds 5
     python bench/loadgen.py burst URL -n 10000 -c 200
     python bench/loadgen.py idle URL -n 10000 --hold 5
@@ -84,10 +85,11 @@ def send(peer, kind, to, data):
     peer.transport.send(WSMsgType.TEXT, _dumps({"type": kind, "to": to, "data": data}))
 
 
-async def make_pairs(url, count):
+async def make_pairs(url, count, url_b=None):
+    """``count`` pairs, paired with ping/pong; the second peer of each on ``url_b`` if given (another node)."""
     pairs = []
     for _ in range(count):
-        a, b = await open_peer(url), await open_peer(url)
+        a, b = await open_peer(url), await open_peer(url_b or url)
         got = asyncio.get_running_loop().create_future()
         b.on_message = lambda m, f=got: f.done() or f.set_result(m)
         send(a, "ping", b.id, {})
@@ -101,7 +103,7 @@ async def make_pairs(url, count):
 
 
 async def relay(args):
-    pairs = await make_pairs(args.url, args.pairs)
+    pairs = await make_pairs(args.url, args.pairs, args.url_b)
     latencies, counted = [], [0]
     stop_at = [None]
     measuring = [False]
@@ -138,7 +140,7 @@ async def relay(args):
     stop_at[0] = time.perf_counter()
     await asyncio.sleep(0.5)
     return {
-        "scenario": "relay", "pairs": args.pairs, "inflight": args.inflight,
+        "scenario": "relay", "pairs": args.pairs, "inflight": args.inflight, "split": bool(args.url_b),
         "messages_per_s": round(counted[0] / elapsed),
         "latency_ms": {k: round(pct(latencies, p) * 1000, 3) for k, p in (("p50", 50), ("p99", 99), ("p999", 99.9))},
         "errors": sum(a.errors + b.errors for a, b in pairs),
@@ -146,7 +148,7 @@ async def relay(args):
 
 
 async def rate(args):
-    pairs = await make_pairs(args.url, args.pairs)
+    pairs = await make_pairs(args.url, args.pairs, args.url_b)
     latencies = []
     for _, b in pairs:
         b.on_message = lambda m: latencies.append(time.perf_counter() - m["data"]["t"])
@@ -218,6 +220,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=["relay", "rate", "burst", "idle"])
     parser.add_argument("url")
+    parser.add_argument("--url-b", help="relay/rate: the second peer of each pair connects here (another node)")
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--inflight", type=int, default=1)
     parser.add_argument("--rate", type=float, default=2000.0, help="total offered messages/s (rate)")
