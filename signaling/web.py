@@ -61,9 +61,9 @@ class WebSocketTakeover(WebSocketResource):
     def render(self, request):
         result = super().render(request)
         if result == NOT_DONE_YET:
-            channel = request.channel
-            if channel is not None and request in channel.requests:
-                channel.requests.remove(request)
+            requests = getattr(request.channel, "requests", None)  # an HTTP/1.x channel's queue
+            if requests is not None and request in requests:
+                requests.remove(request)
             request.notifications = []  # nothing will ever fire them: the channel is gone
         return result
 
