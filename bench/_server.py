@@ -2,9 +2,11 @@
 Start a server for a benchmark (loopback, free ports), optionally pinned to
 one core, and read its memory and CPU time.  The installed ``twistd
 signaling`` by default; any command that logs ``ws listening on HOST:PORT``
-and then ``ready`` (the naive baseline) with ``argv=``.
+and then ``ready`` (the naive baseline) with ``argv=``.  Also: the server's
+measured configuration, and running the load generator (``loadgen.py``).
 """
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +15,15 @@ import sys
 import tempfile
 import threading
 import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: Our server's measured configuration: every protection on, with the limits
+#: a single load-generating host needs raised, and no log line per relay.
+MEASURED = [
+    "--rate=5000", "--burst=10000", "--max-connections=30000", "--max-connections-per-ip=30000",
+    "--no-relay-log", "--summary-interval=0",
+]
 
 
 def pinned(core, argv):
@@ -79,3 +90,12 @@ class Server:
         self.proc.terminate()
         self.proc.wait(30)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_loadgen(*args, core=None):
+    """Run ``loadgen.py`` with ``args`` (pinned to ``core`` if given); return its JSON report."""
+    out = subprocess.run(pinned(core, [sys.executable, os.path.join(HERE, "loadgen.py"), *args]),
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise SystemExit(f"loadgen failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -12,28 +12,18 @@ process).
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from _server import Server  # noqa: E402
+from _server import MEASURED, Server, run_loadgen  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
-
-# the measured configuration of bench/perf.py
-COMMON = ["--rate=5000", "--burst=10000", "--max-connections-per-ip=30000", "--no-relay-log"]
 
 
 def relay(args, url, url_b):
-    out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "loadgen.py"), "relay", url, "--url-b", url_b,
-         "--pairs", str(args.pairs), "--inflight", str(args.inflight), "--seconds", str(args.seconds)],
-        capture_output=True, text=True, timeout=600,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"loadgen failed: {out.stderr[-2000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_loadgen("relay", url, "--url-b", url_b, "--pairs", str(args.pairs),
+                    "--inflight", str(args.inflight), "--seconds", str(args.seconds))
     return {"messages_per_s": r["messages_per_s"], **{f"{k}_ms": v for k, v in r["latency_ms"].items()},
             "errors": r["errors"]}
 
@@ -47,7 +37,7 @@ def main():
     if not 0 < args.pairs <= 500 or not 0 < args.inflight <= 64 or not 0 < args.seconds <= 60:
         parser.error("--pairs must be 1..500, --inflight 1..64 and --seconds 1..60")
     report = {"pairs": args.pairs, "in_flight_per_pair": args.inflight, "seconds": args.seconds}
-    solo = Server(*COMMON)
+    solo = Server(*MEASURED)
     try:
         report["single_node_no_redis"] = relay(args, solo.ws, solo.ws)
     finally:
@@ -55,7 +45,7 @@ def main():
     redis = RedisServer().start()
     nodes = []
     try:
-        nodes = [Server(f"--redis={redis.url}", f"--node-id=n{i}", *COMMON) for i in (1, 2)]
+        nodes = [Server(f"--redis={redis.url}", f"--node-id=n{i}", *MEASURED) for i in (1, 2)]
         report["redis_same_node"] = relay(args, nodes[0].ws, nodes[0].ws)
         report["redis_cross_node"] = relay(args, nodes[0].ws, nodes[1].ws)
     finally:

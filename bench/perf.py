@@ -25,18 +25,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _server import Server, pinned  # noqa: E402
-
-OURS = [
-    "--rate=5000", "--burst=10000", "--max-connections=30000", "--max-connections-per-ip=30000",
-    "--no-relay-log", "--summary-interval=0",
-]
+from _server import MEASURED, Server, pinned, run_loadgen  # noqa: E402
 
 
 def start(name, python=None):
     """Our server or the baseline, pinned to core 0, on ``python`` (default: this interpreter)."""
     if name == "ours":
-        return Server(*OURS, core=0, python=python)
+        return Server(*MEASURED, core=0, python=python)
     return Server(core=0, argv=[python or sys.executable, os.path.join(HERE, "baseline_server.py")])
 
 
@@ -48,11 +43,7 @@ def loadgen(*args, server=None):
     """
     started, server_cpu = time.monotonic(), server.cpu_seconds() if server else 0.0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(pinned(1, [sys.executable, os.path.join(HERE, "loadgen.py"), *args]),
-                         capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise SystemExit(f"loadgen failed: {out.stderr[-2000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_loadgen(*args, core=1)
     if server is not None:
         wall = time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -90,7 +81,7 @@ def run_all(args):
     timing = ["--seconds", seconds, "--warmup", str(args.warmup)]
     results = {"machine": {"python": runtime(args.python), "load_generator": runtime(None),
                            "cores": os.cpu_count(), "taskset": bool(shutil.which("taskset"))},
-               "ours_options": OURS, "runs": {}}
+               "ours_options": MEASURED, "runs": {}}
     for name in ("ours", "baseline"):
         r = results["runs"][name] = {}
         server = start(name, args.python)
