@@ -48,12 +48,15 @@ class Server:
         self.ports = {}
         self.lines = []
         deadline = time.monotonic() + 30
+        # a cluster node admits peers once it is registered in Redis
+        waiting = {" ready"} | ({"admitting peers"} if any(a.startswith("--redis=") for a in args) else set())
         for line in self.proc.stdout:
             self.lines.append(line)
             m = re.search(r"(http|ws) listening on \S+:(\d+)", line)
             if m:
                 self.ports[m.group(1)] = int(m.group(2))
-            if " ready" in line:
+            waiting = {w for w in waiting if w not in line}
+            if not waiting:
                 break
             if time.monotonic() > deadline:
                 raise SystemExit("server did not start")

@@ -34,13 +34,15 @@ from signaling import messages
 from signaling.admission import bearer, client_address, host_of, origin_allowed
 from signaling.framing import text_frame, unmask, unsent_bytes, write
 from signaling.limits import TokenBucket
-from signaling.registry import PeerIdTaken, SignalingError
+from signaling.registry import IClusterRegistry, PeerIdTaken, SignalingError
 from signaling.tokens import TokenError, verify_token
 
 #: close code sent to every peer when the server shuts down
 CLOSE_GOING_AWAY = 1001
 #: close code for a peer that keeps sending over the rate limit
 CLOSE_POLICY_VIOLATION = 1008
+#: close code for a peer that could not be registered (the cluster's state is unreachable)
+CLOSE_TRY_AGAIN_LATER = 1013
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 
@@ -158,6 +160,9 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         )
         if factory.shutting_down:
             self._deny(503, "server shutting down")
+        unready = factory.unready()
+        if unready is not None:
+            self._deny(503, unready)
         if not origin_allowed(request.origin, settings.allowed_origins):
             self._deny(403, "origin not allowed")
         if settings.token_secret is not None:
@@ -460,11 +465,12 @@ class SignalingServerProtocol(WebSocketServerProtocol):
 
     def _join_failed(self, failure):
         if failure.check(SignalingError):
-            # the shared registry is unreachable: serve the peer anyway; it
-            # is registered when the registry comes back
-            self._log.warn("peer {peer} welcomed unregistered: {why}", peer=self.peer_id,
-                           why=failure.value.message)
-            return self._welcome(None)
+            # The shared registry is unreachable: a peer that others cannot
+            # reach is never welcomed.  Closing removes it (if the add went
+            # through after all) like any other departure.
+            self._log.warn("peer {peer} refused: {why}", peer=self.peer_id, why=failure.value.message)
+            self.close(CLOSE_TRY_AGAIN_LATER, "cluster state unavailable; try again")
+            return None
         if not failure.check(PeerIdTaken):
             self._log.failure("registering peer {peer} failed", failure, peer=self.peer_id)
             self.close(1011, "internal error")
@@ -487,17 +493,19 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     def _process(self, message: messages.Message, size: int):
         factory = self.factory
         operation_name = _OPERATIONS[message.type]
-        if operation_name == "check_paired" and message.to not in factory.connections:
-            check_and_route = getattr(factory.registry, "check_and_route", None)
-            if check_and_route is not None:  # a peer elsewhere in a cluster: one round trip
-                sender = self.peer_id
-                payload = messages.encode(messages.relay(message.type, sender, message.data))
-                return check_and_route(sender, message.to, payload).addCallbacks(
-                    self._relayed,
-                    self._refused,
-                    callbackArgs=(message, sender, size),
-                    errbackArgs=(message,),
-                )
+        if (
+            operation_name == "check_paired"
+            and message.to not in factory.connections
+            and IClusterRegistry.providedBy(factory.registry)
+        ):  # a peer elsewhere in a cluster: the check and the delivery in one round trip
+            sender = self.peer_id
+            payload = messages.encode(messages.relay(message.type, sender, message.data))
+            return factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
+                self._relayed,
+                self._refused,
+                callbackArgs=(message, sender, size),
+                errbackArgs=(message,),
+            )
         operation = getattr(factory.registry, operation_name)
         try:
             result = operation(self.peer_id, message.to)
@@ -646,6 +654,13 @@ class SignalingFactory(WebSocketServerFactory):
 
     # -- admission ----------------------------------------------------------
 
+    def unready(self) -> Optional[str]:
+        """Why no peer may be admitted now (a cluster node not registered), or None."""
+        registry = self.registry
+        if not IClusterRegistry.providedBy(registry) or registry.ready:
+            return None
+        return "cluster state unavailable ({}); try again".format(registry.health().get("redis", "not ready"))
+
     def admit(self, proto: SignalingServerProtocol) -> None:
         proto._counted = True
         self.admitted += 1
@@ -717,8 +732,9 @@ class SignalingFactory(WebSocketServerFactory):
         proto = self.connections.get(to)
         if proto is not None:
             return proto.send(payload)
-        route = getattr(self.registry, "route", None)
-        return False if route is None else route(to, payload)
+        if IClusterRegistry.providedBy(self.registry):
+            return self.registry.route(to, payload)
+        return False
 
     def deliver_local(self, to: str, payload: bytes) -> bool:
         """Send ``payload`` to ``to`` if it is connected to this process."""

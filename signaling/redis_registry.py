@@ -8,6 +8,14 @@ published on that node's channel.  Each node heartbeats; any node removes
 the peers of a node whose heartbeat is older than ``node_timeout`` and tells
 their partners ``peer_left``.
 
+The invariant that makes that complete: no peer exists in Redis whose node
+is not tracked for liveness in ``P nodes``.  The scripts that create a
+node's state (``add``, ``sync``) record the node's heartbeat in the same
+atomic step, so a node that dies at any moment, even before its first
+heartbeat, leaves nothing the reaper cannot find.  A node that finds its
+own entry gone (it was silent too long and reaped, or Redis lost it)
+re-registers its peers at once.
+
 Keys (``P`` is the prefix, ``signaling:`` by default):
 
 - ``P peers``: hash, peer id -> JSON ``{"n": node, "ip", "at", "s": state, "t": target}``;
@@ -33,7 +41,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from signaling.registry import IRegistry, Peer, PeerIdTaken, SignalingError, Transition
+from signaling.registry import IClusterRegistry, Peer, PeerIdTaken, SignalingError, Transition
 
 
 class Unavailable(SignalingError):
@@ -51,6 +59,13 @@ local function get(id)
   return nil
 end
 local function put(id, p) redis.call('HSET', PEERS, id, cjson.encode(p)) end
+-- the Redis clock in ms: one clock for every node's heartbeats
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- record that a node is alive; 1 if it was not tracked until now
+local function beat(node) return redis.call('ZADD', P .. 'nodes', now_ms(), node) end
 local function set(id, p, state, target)
   table.insert(trans, id); table.insert(trans, p.s)
   table.insert(trans, state); table.insert(trans, target)
@@ -98,9 +113,11 @@ end
 """
 
 _SCRIPTS = {
-    # ARGV: prefix, id, node, ip, at
+    # ARGV: prefix, id, node, ip, at.  The node's heartbeat is recorded with
+    # the peer: a node that dies before its first heartbeat is still reaped.
     "add": r"""
 if redis.call('HEXISTS', PEERS, ARGV[2]) == 1 then return {'taken'} end
+beat(ARGV[3])
 put(ARGV[2], {n = ARGV[3], ip = ARGV[4], at = tonumber(ARGV[5]), s = 'idle', t = ''})
 redis.call('SADD', P .. 'node:' .. ARGV[3], ARGV[2])
 return trans
@@ -160,33 +177,32 @@ local p = get(ARGV[2])
 if not p then return -1 end
 return redis.call('PUBLISH', P .. 'to:' .. p.n, ARGV[2] .. '\n' .. ARGV[3])
 """,
-    # ARGV: prefix, node -> the Redis clock in ms
+    # ARGV: prefix, node -> 1 if the node was not tracked (reaped, or Redis
+    # lost it): its peers must then be registered again
     "heartbeat": r"""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', P .. 'nodes', now, ARGV[2])
-return now
+return beat(ARGV[2])
 """,
-    # ARGV: prefix, timeout_ms -> ids removed
+    # ARGV: prefix, timeout_ms, the calling node (alive: never reaped) -> ids removed
     "reap": r"""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local removed = {}
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', P .. 'nodes', '-inf', now - tonumber(ARGV[2]))) do
-  for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node)) do
-    drop(id, true)
-    table.insert(removed, id)
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', P .. 'nodes', '-inf', now_ms() - tonumber(ARGV[2]))) do
+  if node ~= ARGV[3] then
+    for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node)) do
+      drop(id, true)
+      table.insert(removed, id)
+    end
+    redis.call('DEL', P .. 'node:' .. node)
+    redis.call('ZREM', P .. 'nodes', node)
   end
-  redis.call('DEL', P .. 'node:' .. node)
-  redis.call('ZREM', P .. 'nodes', node)
 end
 return removed
 """,
     # ARGV: prefix, node, then id, ip, at triples of this node's live peers.
-    # Forget this node's peers that are gone (their watchers get peer_left),
-    # and register the live ones that Redis lost (idle).
+    # Record the node's heartbeat, forget its peers that are gone (their
+    # watchers get peer_left), and register the live ones that Redis lost (idle).
     "sync": r"""
 local node = ARGV[2]
+beat(node)
 local live = {}
 for i = 3, #ARGV, 3 do live[ARGV[i]] = true end
 local dropped, added = 0, 0
@@ -236,7 +252,8 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 
     def connectionLost(self, why):
         super().connectionLost(why)
-        self.factory.registry._set_connected(False)
+        self.factory.registry._listening = False
+        self.factory.registry._lost()
 
     def messageReceived(self, pattern, channel, message):
         self.factory.registry._message(message)
@@ -247,47 +264,85 @@ class _SubscriberFactory(txredisapi.SubscriberFactory):
     maxDelay = 5
 
 
-@implementer(IRegistry)
+class _PoolFactory(txredisapi.RedisFactory):
+    """The command pool; tells the registry when a connection is ready."""
+
+    maxDelay = 5
+
+    def addConnection(self, conn):
+        super().addConnection(conn)
+        if conn in self.pool:
+            self.registry._register()
+
+
+#: the registry's states, as /api/health reports them
+STARTING, CONNECTED, DISCONNECTED = "starting", "connected", "disconnected"
+
+
+@implementer(IClusterRegistry)
 class RedisRegistry(Service):
     """
     :param url: ``redis://host:port/db``.
     :param node: this node's id.
-    :param clock: the reactor.
+    :param clock: ``seconds``/``callLater`` for timestamps, heartbeats and
+        timeouts (a ``Clock`` in tests).
     :param node_timeout: seconds without a heartbeat after which a node's
         peers are removed.
     :param op_timeout: seconds an operation may wait for Redis.
+    :param reactor: what connects to Redis (the global reactor by default).
+
+    The node is :attr:`ready` (peers may be admitted) once it is registered:
+    its channel subscribed, its heartbeat recorded and its peers in Redis.
+    Until then (``starting``), and whenever Redis is unreachable
+    (``disconnected``), it is not.
     """
 
     _log = Logger()
 
-    def __init__(self, url, node, clock, node_timeout=10.0, prefix="signaling:", op_timeout=5.0):
+    def __init__(self, url, node, clock, node_timeout=10.0, prefix="signaling:", op_timeout=5.0, reactor=None):
         self.url = url
         self.node = node
         self.clock = clock
+        self.reactor = clock if reactor is None else reactor
         self.node_timeout = node_timeout
         self.prefix = prefix
         self.op_timeout = op_timeout
         self.host, self.port, self.db, self.password = parse_url(url)
         self.deliver_local = lambda to, frame: False  # set by the factory's owner
         self.local_peers = lambda: []  # (id, ip, at) of this node's connections
-        self.connected = False
+        self.state = STARTING
         self.state_since = clock.seconds()
         self._scripts = {name: _PRELUDE + body for name, body in _SCRIPTS.items()}
         self._pool = None
         self._subscriber = None
+        self._listening = False  # this node's channel is subscribed
+        self._beating = None  # the heartbeat (or registration) in flight
+        self._waiting_ready = []
         self._beat = LoopingCall(self._heartbeat)
         self._beat.clock = clock
+
+    @property
+    def ready(self) -> bool:
+        return self.state == CONNECTED
+
+    def whenReady(self) -> defer.Deferred:
+        """A Deferred that fires once this node is (or is again) registered and admitting peers."""
+        if self.ready:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting_ready.append(d)
+        return d
 
     # -- service --------------------------------------------------------------
 
     def startService(self):
         super().startService()
-        endpoint = TCP4ClientEndpoint(self.clock, self.host, self.port, timeout=5)
-        factory = txredisapi.RedisFactory(
+        endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=5)
+        factory = _PoolFactory(
             f"{self.host}:{self.port}", self.db, 2, isLazy=True, password=self.password,
             replyTimeout=self.op_timeout, convertNumbers=True,
         )
-        factory.maxDelay = 5
+        factory.registry = self
         factory.startConnecting(endpoint)
         self._pool_factory = factory
         self._pool = factory.handler
@@ -297,11 +352,15 @@ class RedisRegistry(Service):
             sub.password = self.password
         sub.startConnecting(endpoint)
         self._subscriber = sub
-        self._beat.start(max(0.2, self.node_timeout / 3.0), now=False)
+        self._beat.start(self.heartbeat_interval, now=False)
         self._log.info(
-            "redis registry: node {node} using {host}:{port} db {db}",
+            "redis registry: node {node} using {host}:{port} db {db}; not admitting peers until registered",
             node=self.node, host=self.host, port=self.port, db=self.db,
         )
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(0.2, self.node_timeout / 3.0)
 
     def stopService(self):
         super().stopService()
@@ -317,26 +376,47 @@ class RedisRegistry(Service):
 
     def _subscribed(self, protocol):
         d = protocol.subscribe(self.prefix + "to:" + self.node)
-        d.addCallback(lambda _: self._heartbeat())
+
+        def listening(_):
+            self._listening = True
+            self._register()
+
+        d.addCallback(listening)
         d.addErrback(lambda f: self._log.warn("redis: subscribing failed: {e}", e=f.getErrorMessage()))
 
-    def _set_connected(self, connected, sync=None):
-        if connected != self.connected:
-            self.connected = connected
-            self.state_since = self.clock.seconds()
-            if connected:
-                dropped, added = sync or (0, 0)
-                self._log.info(
-                    "redis: connected; node {node} re-registered {added} peers, forgot {dropped}",
-                    node=self.node, added=added, dropped=dropped,
-                )
-            else:
-                self._log.warn("redis: connection lost; retrying with backoff")
+    def _register(self):
+        """Register this node now, if it is not and Redis is reachable (not at the next beat)."""
+        if self.running and self.state != CONNECTED and self._reachable():
+            self._heartbeat()
+
+    def _lost(self):
+        """Redis is unreachable: stop admitting peers (a node still starting stays so for a while)."""
+        if self.state == CONNECTED or (
+            self.state == STARTING and self.clock.seconds() - self.state_since >= self.node_timeout
+        ):
+            self._set_state(DISCONNECTED)
+
+    def _set_state(self, state, sync=None):
+        if state == self.state:
+            return
+        self.state = state
+        self.state_since = self.clock.seconds()
+        if state == CONNECTED:
+            dropped, added = sync or (0, 0)
+            self._log.info(
+                "redis: connected; node {node} re-registered {added} peers, forgot {dropped}; admitting peers",
+                node=self.node, added=added, dropped=dropped,
+            )
+            waiting, self._waiting_ready = self._waiting_ready, []
+            for d in waiting:
+                d.callback(None)
+        else:
+            self._log.warn("redis: unreachable; refusing new peers (HTTP 503) and retrying with backoff")
 
     def health(self) -> dict:
         return {
             "registry": "redis",
-            "redis": "connected" if self.connected else "disconnected",
+            "redis": self.state,
             "node": self.node,
             "since": self.state_since,
         }
@@ -344,7 +424,7 @@ class RedisRegistry(Service):
     def _run(self, name, *args):
         """Run one script; fail fast with Unavailable when Redis is unreachable."""
         if not self._reachable():
-            self._set_connected(False)
+            self._lost()
             return defer.fail(Unavailable("the signaling cluster's state (Redis) is unreachable; try again"))
         d = self._pool.eval(self._scripts[name], [], [self.prefix, *args])
         d.addTimeout(self.op_timeout, self.clock)
@@ -354,7 +434,7 @@ class RedisRegistry(Service):
                 return failure
             self._log.warn("redis: {name} failed: {error}", name=name, error=failure.getErrorMessage())
             if failure.check(txredisapi.ConnectionError, defer.TimeoutError, defer.CancelledError):
-                self._set_connected(False)
+                self._lost()
             raise Unavailable("the signaling cluster's state (Redis) is unreachable; try again")
 
         d.addErrback(failed)
@@ -437,27 +517,52 @@ class RedisRegistry(Service):
     # -- cluster upkeep ------------------------------------------------------------------
 
     def _reachable(self) -> bool:
-        return (
-            self._pool is not None and self._pool_factory.size > 0
-            and self._subscriber is not None and self._subscriber.size > 0
-        )
+        return self._listening and self._pool is not None and self._pool_factory.size > 0
 
     def _heartbeat(self):
         """
-        Every node_timeout/3 s: after a (re)connection, re-register this
-        node's peers first; then beat and remove the peers of silent nodes.
+        Every heartbeat interval, and as soon as Redis is reachable while
+        not registered: register this node (its heartbeat and its live
+        peers) if it is not, else beat; then remove the peers of silent
+        nodes.  One at a time.
         """
+        if self._beating is not None:
+            return self._beating
         if not self._reachable():
-            self._set_connected(False)
+            self._lost()
             return None
-        if self.connected:
-            d = self._run("heartbeat", self.node)
+        if self.state == CONNECTED:
+            d = self._run("heartbeat", self.node).addCallback(self._beaten)
         else:
-            d = self._sync().addCallback(lambda result: self._set_connected(True, result))
-        d.addCallback(lambda _: self._run("reap", str(int(self.node_timeout * 1000))))
+            d = self._sync().addCallback(lambda result: self._set_state(CONNECTED, result))
+        d.addCallback(lambda _: self._run("reap", str(int(self.node_timeout * 1000)), self.node))
         d.addCallback(self._reaped)
         d.addErrback(lambda f: None)  # logged by _run; the next beat retries
+
+        finished = []
+
+        def done(_):
+            self._beating = None
+            finished.append(True)
+
+        d.addBoth(done)
+        if not finished:  # (not d.called: a Deferred waiting on another one is "called")
+            self._beating = d
         return d
+
+    def _beaten(self, untracked):
+        if untracked:
+            # Removed by another node while alive (silent longer than
+            # node_timeout), or Redis lost the entry: its peers may be gone
+            # from Redis too.  Put them back now.
+            self._log.warn("redis: node {node} was no longer tracked; re-registering its peers", node=self.node)
+            return self._sync().addCallback(
+                lambda result: self._log.info(
+                    "redis: node {node} re-registered {added} peers, forgot {dropped}",
+                    node=self.node, dropped=result[0], added=result[1],
+                )
+            )
+        return None
 
     def _reaped(self, removed):
         if removed:
@@ -467,10 +572,11 @@ class RedisRegistry(Service):
             )
 
     def _sync(self):
+        """Record the heartbeat and make Redis hold exactly this node's live peers."""
         args = []
         for peer_id, ip, at in self.local_peers():
             args += [peer_id, ip, repr(at)]
-        return self._run("heartbeat", self.node).addCallback(lambda _: self._run("sync", self.node, *args))
+        return self._run("sync", self.node, *args)
 
     def _message(self, message):
         if isinstance(message, bytes):

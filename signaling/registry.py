@@ -38,7 +38,7 @@ synchronously.
 
 from typing import Dict, List, NamedTuple, Optional, Set
 
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 IDLE = "idle"
 CONNECTING = "connecting"
@@ -115,12 +115,8 @@ class IRegistry(Interface):
     Every method may return its result directly or as a ``Deferred`` that
     fires with it (or fails with a :class:`SignalingError`).
 
-    A registry shared by several processes may also provide
-    ``route(to, frame)``, which delivers a frame to a peer connected to
-    another process and returns whether one took it, and
-    ``check_and_route(sender, to, frame)``, which does ``check_paired`` and
-    ``route`` in one step; the protocol uses them for peers not connected
-    to its own process.
+    A registry shared by several processes also provides
+    :class:`IClusterRegistry`.
     """
 
     def add(peer_id, ip):
@@ -152,6 +148,33 @@ class IRegistry(Interface):
 
     def summary():
         """Return counts: ``users``, ``idle``, ``connecting``, ``connected``, ``pairs``."""
+
+
+class IClusterRegistry(IRegistry):
+    """
+    A registry shared by several server processes ("nodes"): peers connected
+    to other nodes are reached through it, and it may be unusable for a
+    while (starting, or its shared state unreachable).
+    """
+
+    ready = Attribute(
+        "Whether peers may be admitted now: this node is registered in the shared "
+        "state and can be reached through it.  A node never welcomes a peer while "
+        "it is not ready."
+    )
+
+    def route(to, frame):
+        """Deliver ``frame`` to ``to`` on another node; returns whether a node took it."""
+
+    def check_and_route(sender, to, frame):
+        """``check_paired`` and, if it passes, ``route``, in one step."""
+
+    def health():
+        """
+        A dict for ``/api/health``: ``registry``, ``node``, ``since`` and
+        ``redis``, one of ``starting`` (not registered yet), ``connected``,
+        ``disconnected``.
+        """
 
 
 @implementer(IRegistry)

@@ -19,6 +19,11 @@ from twisted.internet.defer import maybeDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from signaling.registry import IClusterRegistry
+
+#: /api/health's status for each state of a cluster registry
+_HEALTH_STATUS = {"connected": "ok", "starting": "starting", "disconnected": "degraded"}
+
 
 def iso_utc(seconds: float) -> str:
     """Format a POSIX time as ``2025-09-09T13:00:00.000Z`` (UTC, milliseconds)."""
@@ -143,16 +148,21 @@ class SignalingWeb:
 
     @app.route("/api/health", methods=["GET", "HEAD"])
     def health(self, request):
-        """200 and ``"status": "ok"`` when the registry is usable, else 503 and ``"degraded"``."""
+        """
+        200 and ``"status": "ok"`` when peers are admitted; else 503 and
+        ``"starting"`` (a cluster node not registered yet) or ``"degraded"``
+        (a cluster node that lost its shared state).
+        """
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
-        health = getattr(self.registry, "health", None)
-        doc = health() if health is not None else {"registry": "memory"}
-        ok = doc.get("redis", "connected") == "connected"
-        doc = {"status": "ok" if ok else "degraded", **doc}
-        if not ok:
+        if IClusterRegistry.providedBy(self.registry):
+            doc = self.registry.health()
+            status = _HEALTH_STATUS.get(doc.get("redis"), "degraded")
+        else:
+            doc, status = {"registry": "memory"}, "ok"
+        if status != "ok":
             request.setResponseCode(503)
-        return json.dumps(doc).encode("utf-8")
+        return json.dumps({"status": status, **doc}).encode("utf-8")
 
     @app.route("/test.html", methods=["GET", "HEAD"])
     def test_html(self, request):

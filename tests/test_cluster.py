@@ -6,11 +6,13 @@ different nodes, races, a node killed with SIGKILL, Redis restarted.
 
 import asyncio
 import json
+import os
 import signal
 import urllib.error
 import urllib.request
 
 import pytest
+import websockets
 from live import ServerProcess, closed_code, connect, pair, recv, run, send, sync
 from redis_server import RedisServer
 
@@ -38,6 +40,14 @@ def cluster():
 
 def users(node):
     return node.users()
+
+
+async def refused(url):
+    """Open a WebSocket expecting a refused handshake; return the HTTP status and reason."""
+    with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+        await connect(url)
+    response = e.value.response
+    return response.status_code, response.reason_phrase
 
 
 def assert_consistent(all_users):
@@ -178,7 +188,11 @@ def health(node):
 
 
 def test_redis_restart(cluster):
-    """With Redis gone, nodes stay up, report it, and refuse to claim delivery; when it returns, signalling resumes."""
+    """
+    With Redis gone, nodes stay up, report it, refuse to claim delivery and
+    refuse newcomers (503: nobody could reach them); when it returns,
+    signalling resumes.
+    """
     redis, (n1, n2) = cluster
 
     async def go():
@@ -190,20 +204,21 @@ def test_redis_restart(cluster):
         assert (doc["status"], doc["registry"], doc["redis"], doc["node"]) == ("ok", "redis", "connected", "n1")
 
         redis.stop()
-        n1.wait_for_line(r"redis: connection lost")
-        n2.wait_for_line(r"redis: connection lost")
+        n1.wait_for_line(r"redis: unreachable")
+        n2.wait_for_line(r"redis: unreachable")
         status, doc = health(n1)
         assert status == 503 and doc["status"] == "degraded" and doc["redis"] == "disconnected"
         await send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": "lost?"}})
         err = await recv(a)
         assert (err["type"], err["code"], err["ref"]) == ("error", "unavailable", "offer")
-        # a newcomer is still welcomed while Redis is away
-        c = await connect(n1.ws)
+        # a newcomer is refused at the handshake: it could not be registered
+        assert await refused(n1.ws) == (503, "cluster state unavailable (disconnected); try again")
 
         redis.start()
-        n1.wait_for_line(r"redis: connected; node n1 re-registered 2 peers")
+        n1.wait_for_line(r"redis: connected; node n1 re-registered 1 peers")
         n2.wait_for_line(r"redis: connected; node n2 re-registered 1 peers")
         assert health(n2)[0] == 200
+        c = await connect(n1.ws)
         everyone = users(n1)
         assert set(everyone) == {a.peer_id, b.peer_id, c.peer_id}
         assert users(n2) == everyone
@@ -269,3 +284,72 @@ def test_two_processes_share_one_port(cluster):
     finally:
         for node in nodes:
             node.stop()
+
+
+#: how many times each kill point is tried (raise it by hand to hunt for rarer windows)
+KILL_ROUNDS = int(os.environ.get("SIGNALING_KILL_ROUNDS", "2"))
+
+
+@pytest.mark.parametrize("point", ["starting", "welcomed", "paired"])
+def test_node_killed_while_starting(cluster, point):
+    """
+    A third node is started and, as soon as it welcomes its first peer
+    (which must be reachable at once), killed with SIGKILL: before that
+    peer is pinged back, with a ping from another node's peer pending, or
+    just after the two paired.  Each time the partner on the first node gets
+    peer_left within the node timeout plus one heartbeat interval (plus
+    slack for a loaded machine), and no node's stats keep the dead peer.
+    Killed while still starting, the node leaves nothing behind.
+    """
+    redis, (n1, n2) = cluster
+    timeout = float(NODE_TIMEOUT)
+    bound = timeout + max(0.2, timeout / 3) + 3.0  # + slack: process scheduling on 2 busy cores
+
+    async def first_welcome(node):
+        """Connect until welcomed: while starting, the node refuses with 503 and a reason, nothing else."""
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            try:
+                return await connect(node.ws)
+            except websockets.exceptions.InvalidStatus as e:
+                refusal = (e.value.response.status_code, e.value.response.reason_phrase)
+                assert refusal == (503, "cluster state unavailable (starting); try again"), refusal
+            assert asyncio.get_running_loop().time() < deadline, "the node never admitted a peer"
+
+    async def one_round(name):
+        before = set(users(n1))
+        n3 = ServerProcess(f"--redis={redis.url}", f"--node-id={name}", f"--node-timeout={NODE_TIMEOUT}").start()
+        try:
+            if point == "starting":
+                n3.proc.send_signal(signal.SIGKILL)  # at once: as a rule, before it registered
+                n3.wait()
+                for node in (n1, n2):
+                    assert set(users(node)) == before
+                return
+            a = await connect(n1.ws)
+            c = await first_welcome(n3)
+            await send(a, {"type": "ping", "to": c.peer_id})
+            assert (await recv(c)) == {"type": "ping", "from": a.peer_id, "data": {}}  # reachable at once
+            if point == "paired":
+                await send(c, {"type": "pong", "to": a.peer_id})
+                assert (await recv(a))["type"] == "pong"
+            assert users(n2)[a.peer_id]["targetUser"] == c.peer_id
+            n3.proc.send_signal(signal.SIGKILL)
+            killed = asyncio.get_running_loop().time()
+            left = await asyncio.wait_for(recv(a), bound + 5)
+            took = asyncio.get_running_loop().time() - killed
+            assert left == {"type": "disconnect", "from": c.peer_id, "data": {"reason": "peer_left"}}
+            assert took <= bound, f"peer_left after {took:.1f}s"
+            for node in (n1, n2):
+                assert c.peer_id not in users(node)
+                assert users(node)[a.peer_id]["state"] == "idle"
+            c.transport.abort()
+            await a.close()
+        finally:
+            n3.stop()
+
+    async def go():
+        for i in range(KILL_ROUNDS):
+            await one_round(f"dying-{point}-{i}")
+
+    run(go(), timeout=60 * KILL_ROUNDS)

@@ -7,8 +7,10 @@ from memory import Client, Harness
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from signaling.registry import SignalingError
+from signaling.redis_registry import Unavailable
+from signaling.registry import IClusterRegistry, SignalingError
 
 
 @pytest.fixture
@@ -382,7 +384,10 @@ def test_relay_to_a_peer_elsewhere_checks_and_routes_in_one_call():
     h = Harness()
     calls = []
 
+    @implementer(IClusterRegistry)
     class Cluster:
+        ready = True
+
         def __getattr__(self, name):
             return getattr(h.registry, name)
 
@@ -415,3 +420,56 @@ def test_relay_to_a_peer_elsewhere_checks_and_routes_in_one_call():
     calls.clear()
     h.send(b, {"type": "offer", "to": c.peer_id})  # a local peer: no round trip
     assert calls == [] and c.take() == [{"type": "offer", "from": b.peer_id, "data": {}}]
+
+
+@implementer(IClusterRegistry)
+class ClusterNode:
+    """A cluster registry stand-in over the in-memory one: not ready until told, and able to fail adds."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.ready = False
+        self.state = "starting"
+        self.failing = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def health(self):
+        return {"registry": "test", "redis": self.state}
+
+    def add(self, peer_id, ip):
+        if self.failing:
+            return fail(Unavailable("the signaling cluster's state (Redis) is unreachable; try again"))
+        return self.inner.add(peer_id, ip)
+
+
+def test_cluster_node_admits_no_peer_until_registered():
+    """While a cluster registry is not ready, handshakes are refused with 503 naming why, and nothing is registered."""
+    from test_hardening import refusal
+
+    h = Harness()
+    node = ClusterNode(h.registry)
+    h.factory.registry = node
+    with capturedLogs() as events:
+        assert refusal(h) == 503
+    assert any("cluster state unavailable (starting)" in formatEvent(e) for e in events)
+    assert len(h.registry) == 0 and h.factory.admitted == 0
+    node.state = "disconnected"
+    assert refusal(h) == 503
+    node.ready, node.state = True, "connected"
+    a, b = h.connect(), h.connect()
+    h.pair(a, b)
+
+
+def test_peer_that_cannot_be_registered_is_never_welcomed():
+    """If adding the peer to the shared state fails, the socket is closed with 1013 and no welcome is sent."""
+    h = Harness()
+    node = ClusterNode(h.registry)
+    node.ready = True
+    node.failing = True
+    h.factory.registry = node
+    c = h.connect(handshake=False)
+    assert c.take() == []
+    assert c.closed_with is not None and c.closed_with[1] == 1013
+    assert h.factory.connections == {} and h.factory.admitted == 0

@@ -189,3 +189,31 @@ def test_stats_hide_ip():
     assert user["ip"] is None and user["id"] == "u1" and set(user) == {
         "id", "state", "targetUser", "connectedAt", "ip"
     }
+
+
+def test_health_in_memory_mode(setup):
+    """With the in-memory registry the server is always ready: 200, status ok."""
+    _, _, treq = setup
+    response, body = get(treq, "http://x/api/health")
+    assert response.code == 200
+    assert json.loads(body) == {"status": "ok", "registry": "memory"}
+
+
+@pytest.mark.parametrize(
+    "state, code, status",
+    [("starting", 503, "starting"), ("connected", 200, "ok"), ("disconnected", 503, "degraded")],
+)
+def test_health_of_a_cluster_node(state, code, status):
+    """A cluster node reports starting (not yet registered), ok, or degraded (shared state lost), 503 unless ok."""
+    from zope.interface import implementer
+
+    from signaling.registry import IClusterRegistry
+
+    @implementer(IClusterRegistry)
+    class Node:
+        def health(self):
+            return {"registry": "redis", "redis": state, "node": "n1", "since": 12.5}
+
+    response, body = get(StubTreq(SignalingWeb(Node()).resource()), "http://x/api/health")
+    assert response.code == code
+    assert json.loads(body) == {"status": status, "registry": "redis", "redis": state, "node": "n1", "since": 12.5}
