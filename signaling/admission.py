@@ -8,14 +8,30 @@ import ipaddress
 from typing import Optional
 
 
+def normal_ip(text: str) -> Optional[str]:
+    """
+    An address in one canonical form, or None if it is not an IP address:
+    whitespace and an IPv6 zone (``%eth0``) dropped, IPv4-mapped IPv6 shown
+    as IPv4, IPv6 compressed and lower case.
+    """
+    text = text.strip()
+    if "%" in text:
+        text = text.split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
 def host_of(address) -> str:
-    """The address of a Twisted IAddress, IPv4-mapped IPv6 shown as IPv4."""
+    """The address of a Twisted IAddress, in :func:`normal_ip` form when it is an IP address."""
     host = getattr(address, "host", None)
     if host is None:
         return str(address)
-    if host.startswith("::ffff:") and "." in host:
-        return host[len("::ffff:") :]
-    return host
+    return normal_ip(host) or host
 
 
 def _trusted(host: str, networks) -> bool:
@@ -26,26 +42,36 @@ def _trusted(host: str, networks) -> bool:
     return any(address in network for network in networks)
 
 
+def is_trusted_proxy(peer: str, trusted_proxies) -> bool:
+    return bool(trusted_proxies) and _trusted(peer, trusted_proxies)
+
+
 def client_address(peer: str, forwarded_for: Optional[str], trusted_proxies) -> str:
     """
     The client's address: the TCP peer, or, when the peer is a trusted
-    proxy, the nearest address in ``X-Forwarded-For`` that is not one.
+    proxy, the nearest address in ``X-Forwarded-For`` that is not one
+    (normalized by :func:`normal_ip`).  Anything in the header that is not
+    an IP address makes the proxy's own address count instead.
     """
-    if not trusted_proxies or not forwarded_for or not _trusted(peer, trusted_proxies):
+    if not forwarded_for or not is_trusted_proxy(peer, trusted_proxies):
         return peer
-    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    hops = [normal_ip(hop) for hop in forwarded_for[:4096].split(",")]
     for hop in reversed(hops):
+        if hop is None:
+            return peer  # garbage in the header: believe only the socket
         if not _trusted(hop, trusted_proxies):
-            try:
-                return str(ipaddress.ip_address(hop))
-            except ValueError:
-                return peer  # garbage in the header: believe only the socket
-    return hops[0] if hops else peer
+            return hop
+    return hops[0] or peer  # every hop a trusted proxy: the farthest one
 
 
 def origin_allowed(origin: Optional[str], allowed) -> bool:
-    """Whether a browser's Origin may connect (no Origin header: not a browser, allowed)."""
-    if not allowed or origin is None:
+    """
+    Whether a browser's Origin may connect.  No Origin header (Autobahn
+    hands an empty string then) means a client that is not a browser: the
+    check protects browsers' users, and such a client could send any Origin
+    it liked, so it is allowed.
+    """
+    if not allowed or not origin:
         return True
     origin = origin.lower()
     return any(fnmatch.fnmatchcase(origin, pattern.lower()) for pattern in allowed)

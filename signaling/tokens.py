@@ -32,6 +32,10 @@ from typing import Optional
 
 #: what a fixed peer id may look like
 PEER_ID = re.compile(r"[A-Za-z0-9._~:@+=-]{1,128}")
+#: what a token may look like: two base64url parts (anything else is malformed)
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+#: the longest token accepted, in characters
+MAX_TOKEN = 2048
 
 
 class TokenError(Exception):
@@ -63,27 +67,31 @@ def make_token(secret: bytes, ttl: float, peer_id: Optional[str] = None, now: Op
     return f"{payload}.{_sign(secret, payload)}"
 
 
-def verify_token(secret: bytes, token: str, now: float) -> dict:
+def verify_token(secret: bytes, token: str, now: float, max_lifetime: Optional[float] = None) -> dict:
     """
-    Check a token's signature and expiry; return its claims.
+    Check a token's form, signature and expiry; return its claims.  With
+    ``max_lifetime``, a token that would stay valid longer than that many
+    seconds from ``now`` is refused too.
 
-    :raises TokenError: saying what is wrong.
+    :raises TokenError: saying what is wrong (for any input, never another error).
     """
-    if not token or len(token) > 2048:
+    if not token or len(token) > MAX_TOKEN:
         raise TokenError("missing or oversized token")
-    payload, dot, signature = token.partition(".")
-    if not dot or not payload or not signature:
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
         raise TokenError("malformed token")
+    payload, _, signature = token.partition(".")
     if not hmac.compare_digest(_sign(secret, payload), signature):
         raise TokenError("bad token signature")
     try:
         claims = json.loads(_unb64(payload))
     except ValueError:
         raise TokenError("malformed token payload") from None
-    if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int):
+    if not isinstance(claims, dict) or type(claims.get("exp")) is not int:
         raise TokenError("token has no expiry")
     if claims["exp"] <= now:
         raise TokenError("token expired")
+    if max_lifetime is not None and claims["exp"] - now > max_lifetime:
+        raise TokenError("token valid for longer than the server allows")
     sub = claims.get("sub")
     if sub is not None and not (isinstance(sub, str) and PEER_ID.fullmatch(sub)):
         raise TokenError("token has an invalid peer id")
@@ -107,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid (3600)")
     parser.add_argument("--peer-id", help="fix the peer id the holder gets")
     args = parser.parse_args(argv)
+    if not args.ttl > 0:
+        parser.error("--ttl must be positive")
     try:
         print(make_token(read_secret(args.secret_file), args.ttl, args.peer_id))
     except (OSError, ValueError) as e:
