@@ -31,20 +31,28 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 
 from signaling import messages
-from signaling.admission import bearer, client_address, host_of, origin_allowed
+from signaling.admission import bearer, client_address, host_of, is_trusted_proxy, origin_allowed
 from signaling.framing import text_frame, unmask, unsent_bytes, write
-from signaling.limits import TokenBucket
+from signaling.limits import ConnectionCounts, LogBudget, TokenBucket, address_key
 from signaling.registry import IClusterRegistry, PeerIdTaken, SignalingError
+from signaling.safetext import SafeLogger, safe
 from signaling.tokens import TokenError, verify_token
 
 #: close code sent to every peer when the server shuts down
 CLOSE_GOING_AWAY = 1001
 #: close code for a peer that keeps sending over the rate limit
 CLOSE_POLICY_VIOLATION = 1008
+#: close code for a message over the size limits (bytes, or fragments)
+CLOSE_TOO_BIG = 1009
 #: close code for a peer that could not be registered (the cluster's state is unreachable)
 CLOSE_TRY_AGAIN_LATER = 1013
+#: close code for the holder of a fixed peer id when a newer connection with that id arrives
+CLOSE_REPLACED = 4409
+#: what a message's frame costs besides its payload, counted against the size limit
+FRAME_OVERHEAD = 64
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
+_STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
 # Autobahn protocol attributes used only while the opening handshake is
 # processed (checked against Autobahn's server code): dropped once open, to
@@ -81,15 +89,23 @@ class Settings:
     #: consecutive rate-limited messages after which the peer is closed (1008)
     flood_strikes: int = 100
     drain_timeout: float = 5.0
-    #: open (or opening) WebSockets allowed in total, and per client address
+    #: open (or opening, from the first byte) WebSockets allowed in total, and per client address
     max_connections: int = 20000
     max_connections_per_ip: int = 1000
+    #: IPv6 clients are counted per network of this prefix length
+    ipv6_prefix: int = 64
+    #: bytes of an opening handshake (request line and headers)
+    max_handshake: int = 16384
+    #: frames (the first and its continuations) one message may arrive in
+    max_fragments: int = 64
     #: bytes queued for a peer that does not read before it is dropped
     max_outbound: int = 1024 * 1024
     #: allowed Origin values (exact, or fnmatch patterns); empty: any
     allowed_origins: tuple = ()
     #: HMAC secret for access tokens; None: no token needed
     token_secret: Optional[bytes] = attr.ib(default=None, repr=False)
+    #: the longest a token may still be valid for when presented, in seconds
+    token_max_lifetime: float = 86400.0
     #: networks of reverse proxies whose X-Forwarded-For is believed
     trusted_proxies: tuple = ()
     #: log one line per relayed message (type, from, to, size)
@@ -128,11 +144,21 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     """One browser peer."""
 
     _log = Logger()  # Autobahn owns ``self.log``
+    #: Autobahn's own log lines for this protocol, with client-controlled values made safe
+    log = SafeLogger(WebSocketServerProtocol.log)
 
     peer_id: Optional[str] = None
     ip: str = "?"
-    _counted = False
+    _counted = False  # in the factory's connection counts
+    _key: Optional[str] = None  # the per-address key it is counted under
     _fixed_id: Optional[str] = None
+    _replaces = None  # the older connection holding our fixed id, which we take over
+    _reserving = False  # holds the reservation of its fixed id (until it has joined or closed)
+    _discard = False  # failed: read nothing more, process nothing more
+    _dropping = False  # the message being received lost the rate limit: drop it at its end
+    _fragments = 0  # frames of the message being received
+    _cost = 0  # what the message being received counts against the size limit
+    _errors = None  # LogBudget of this peer's error lines, made at its first error
 
     def _connectionMade(self):
         # Autobahn copies its options from the factory and then pretty-prints
@@ -148,16 +174,19 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             WebSocketServerProtocol._connectionMade(self)
         finally:
             del self.CONFIG_ATTRS
+        # Counted from the first byte, before the handshake is even read.
+        refused = factory.accept(self)
+        if refused is not None:
+            self._refuse(*refused)
 
     def onConnect(self, request):
         """Admit or refuse the WebSocket handshake (HTTP status and reason on refusal)."""
         factory = self.factory
         settings = factory.settings
-        self.ip = client_address(
-            host_of(self.transport.getPeer()),
-            request.headers.get("x-forwarded-for"),
-            settings.trusted_proxies,
-        )
+        if self._key is None:  # through a trusted proxy: count the client it forwards for
+            self.ip = client_address(self.ip, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
+            if not factory.count_address(self):
+                self._deny(429, "too many connections from your address")
         if factory.shutting_down:
             self._deny(503, "server shutting down")
         unready = factory.unready()
@@ -172,18 +201,19 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             if not token:
                 self._deny(401, "access token required")
             try:
-                claims = verify_token(settings.token_secret, token, factory.clock.seconds())
+                claims = verify_token(
+                    settings.token_secret, token, factory.clock.seconds(), settings.token_max_lifetime
+                )
             except TokenError as e:
                 self._deny(401, str(e))
             fixed = claims.get("sub")
-            if fixed is not None and (fixed in factory.connections or fixed in factory.reserved):
-                self._deny(409, "that peer id is already connected")
-            self._fixed_id = fixed
-        if factory.admitted >= settings.max_connections:
-            self._deny(503, "server full")
-        if factory.per_ip.get(self.ip, 0) >= settings.max_connections_per_ip:
-            self._deny(429, "too many connections from your address")
-        factory.admit(self)
+            if fixed is not None:
+                if fixed in factory.reserved:  # another handshake with that id is under way
+                    self._deny(409, "that peer id is already connecting")
+                self._replaces = factory.connections.get(fixed)
+                self._fixed_id = fixed
+                self._reserving = True
+                factory.reserved.add(fixed)
         return None
 
     #: take small, complete, masked, unfragmented text frames without
@@ -191,9 +221,12 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     fast_path = True
 
     def dataReceived(self, data):
+        if self._discard:
+            return
+        state = self.state
         if (
             self.fast_path
-            and self.state == _STATE_OPEN
+            and state == _STATE_OPEN
             and not self.data
             and self.current_frame is None
             and not self.inside_message
@@ -202,7 +235,19 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             data = self._fast_frames(data)
             if not data:
                 return
+        elif state == _STATE_CONNECTING and len(self.data) + len(data) > self.factory.settings.max_handshake:
+            self._handshake_too_big(self.data + data)
+            return
         WebSocketServerProtocol.dataReceived(self, data)
+
+    def _handshake_too_big(self, head: bytes) -> None:
+        limit = self.factory.settings.max_handshake
+        if head.find(b"\r\n\r\n", 0, limit + 4) >= 0:
+            return WebSocketServerProtocol.dataReceived(self, head[len(self.data):])
+        if head.find(b"\r\n", 0, limit) < 0:
+            self._refuse(414, "request line too long")
+        else:
+            self._refuse(431, "request headers too large")
 
     def _fast_frames(self, data: bytes) -> bytes:
         """
@@ -242,16 +287,110 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             pos = start + length
             if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
                 self._cancelAutoPingTimeoutCall()
-            self.onMessage(payload, False)
+            if self._spend():
+                self._handle(payload, False)
+            elif not self._discard:
+                self._rate_limited()
             if self.state != _STATE_OPEN:
                 break
+        if self._discard:
+            return b""
         return data[pos:] if pos else data
 
+    # -- Autobahn's frame machinery (fragments, control frames, large frames) --
+
+    def processData(self):
+        if self._discard:
+            self.data = b""
+            return False
+        return WebSocketServerProtocol.processData(self)
+
+    def onFrameBegin(self):
+        """Every frame Autobahn reads (data, continuation, control) spends a token; messages are bounded."""
+        if self.peer_id is not None and not self._spend():
+            if self._discard:
+                return
+            if self.current_frame.opcode < 8:
+                self._dropping = True
+        frame = self.current_frame
+        if frame.opcode < 8:  # a data frame: a message begins (1, 2) or goes on (0)
+            if frame.opcode:
+                self._fragments, self._cost = 0, 0
+            else:  # a continuation: it costs its overhead too (a single frame may hold the whole limit)
+                self._cost += FRAME_OVERHEAD
+            self._fragments += 1
+            self._cost += frame.length
+            settings = self.factory.settings
+            if self._fragments > settings.max_fragments:
+                return self._fail(CLOSE_TOO_BIG, f"message in more than {settings.max_fragments} fragments")
+            if self._cost > settings.max_message_size:
+                return self._fail(CLOSE_TOO_BIG, "message too big")
+        WebSocketServerProtocol.onFrameBegin(self)
+
+    def onMessage(self, payload, isBinary):
+        """A whole message from Autobahn's machinery (its frames have spent their tokens)."""
+        if self.peer_id is None or self._discard:
+            return
+        if self._dropping:
+            self._dropping = False
+            self._rate_limited()
+            return
+        self._handle(payload, isBinary)
+
+    # -- limits ----------------------------------------------------------------
+
+    def _spend(self) -> bool:
+        """
+        Spend a token of the rate limit for a frame; False if there was none.
+        ``flood_strikes`` frames in a row without one close the peer (1008).
+        """
+        if self._bucket.take():
+            self._strikes = 0
+            return True
+        self._strikes += 1
+        if self._strikes >= self.factory.settings.flood_strikes:
+            self._log.warn(
+                "peer {peer} ({ip}) closed for flooding: {strikes} frames over the rate limit",
+                peer=self.peer_id, ip=self.ip, strikes=self._strikes,
+            )
+            self._fail(CLOSE_POLICY_VIOLATION, "message rate limit exceeded")
+        return False
+
+    def _rate_limited(self) -> None:
+        self._error("rate-limited", self.factory.rate_limited_text, None)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """
+        Close with ``code`` and read nothing more: what this peer already
+        sent (the rest of its flood) is dropped unread, and the connection
+        ends once the close frame is out.
+        """
+        if self._discard:
+            return
+        self._discard = True
+        self.data = b""
+        self._log.info("closing {peer} ({ip}) with {code}: {reason}", peer=self.peer_id, ip=self.ip,
+                       code=code, reason=reason)
+        self.close(code, reason)
+        self.transport.pauseProducing()
+        self.transport.loseConnection()
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Refuse the opening handshake with an HTTP status, reading nothing more."""
+        self.factory.note_refusal(self.ip, status, reason)
+        self._discard = True
+        self.failHandshake(reason, status)
+
     def _deny(self, status: int, reason: str):
-        self._log.info(
-            "refused connection from {ip}: {status} {reason}", ip=self.ip, status=status, reason=reason
-        )
+        self.factory.note_refusal(self.ip, status, reason)
         raise ConnectionDeny(status, reason)
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        # Autobahn words some reasons with what the client sent, and puts the
+        # reason in the status line: keep both short and harmless.
+        WebSocketServerProtocol.failHandshake(self, safe(reason), code, responseHeaders)
+
+    # -- a peer's life ----------------------------------------------------------
 
     def onOpen(self):
         factory = self.factory
@@ -265,6 +404,9 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         self._busy = False
         self._queue = None  # made when an operation has to wait
         self._compact()
+        if self._replaces is not None:
+            older, self._replaces = self._replaces, None
+            self._enqueue(factory.take_over, older)
         self._enqueue(self._join)
 
     def _compact(self) -> None:
@@ -279,34 +421,8 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             attrs["send_queue"] = ()
         self.__dict__ = dict(attrs)
 
-    def onMessage(self, payload, isBinary):
-        if self.peer_id is None:
-            return
-        if not self._bucket.take():
-            self._strikes += 1
-            if self._strikes >= self.factory.settings.flood_strikes:
-                self._log.warn(
-                    "peer {peer} ({ip}) closed for flooding: {strikes} messages over the rate limit",
-                    peer=self.peer_id,
-                    ip=self.ip,
-                    strikes=self._strikes,
-                )
-                self.close(CLOSE_POLICY_VIOLATION, "message rate limit exceeded")
-                # Read nothing more from it: the close handshake then ends
-                # by timeout (close_timeout) instead of by parsing the rest
-                # of its flood.
-                self.transport.pauseProducing()
-            else:
-                self._error(
-                    "rate-limited",
-                    "too many messages: at most {} per second (bursts of {}); "
-                    "this one was dropped".format(
-                        self.factory.settings.rate, self.factory.settings.burst
-                    ),
-                    None,
-                )
-            return
-        self._strikes = 0
+    def _handle(self, payload, isBinary):
+        """Parse one message that passed the rate limit, and queue its operation."""
         if isBinary:
             self._error(
                 "invalid-message",
@@ -323,6 +439,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason=connectionDone):
         WebSocketServerProtocol.connectionLost(self, reason)
+        self.factory.release(self)
         # Autobahn resolves ``is_closed`` with the protocol itself: a
         # reference cycle that would leave every closed connection (some 20
         # objects) to Python's cyclic garbage collector instead of freeing
@@ -330,8 +447,8 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         self.is_closed = None
 
     def onClose(self, wasClean, code, reason):
-        if self._counted:
-            self.factory.release(self)
+        if self._errors is not None:
+            self._errors.close()
         if self.peer_id is None or not hasattr(self, "closed"):
             return  # the opening handshake never completed
         peer_id = self.peer_id
@@ -407,14 +524,35 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
 
     def _error(self, code: str, text: str, ref: Optional[str]) -> None:
+        """
+        Answer the sender with an error.  ``ref`` may be what the client sent
+        as its type: it is echoed and logged made safe.  At most a few lines
+        per peer per interval are logged; the rest are counted and reported
+        in one line (a flood cannot fill the disk).
+        """
+        if ref is not None and ref not in messages.CLIENT_TYPES:
+            ref = safe(ref)
+        budget = self._errors
+        if budget is None:
+            budget = self._errors = LogBudget(self.factory.clock, self._errors_held)
+        if budget.allow(code):
+            self._log.info(
+                "error {code} to {peer}: {text} (ref {ref})",
+                code=code,
+                peer=self.peer_id,
+                text=text,
+                ref=ref,
+            )
+        if code == "rate-limited":
+            self.send(self.factory.rate_limited_frame)
+        else:
+            self.send(messages.encode(messages.error(code, text, ref)))
+
+    def _errors_held(self, summary: str) -> None:
         self._log.info(
-            "error {code} to {peer}: {text} (ref {ref})",
-            code=code,
-            peer=self.peer_id,
-            text=text,
-            ref=ref,
+            "errors to {peer} ({ip}) not logged in the last {interval}s: {summary}",
+            peer=self.peer_id, ip=self.ip, interval=self._errors.interval, summary=summary,
         )
-        self.send(messages.encode(messages.error(code, text, ref)))
 
     # -- operations, run in arrival order -----------------------------------
 
@@ -464,6 +602,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         return self._welcome(result)
 
     def _join_failed(self, failure):
+        self.factory.unreserve(self)
         if failure.check(SignalingError):
             # The shared registry is unreachable: a peer that others cannot
             # reach is never welcomed.  Closing removes it (if the add went
@@ -485,6 +624,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         return None
 
     def _welcome(self, _):
+        self.factory.unreserve(self)
         if self.factory.shutting_down:
             self.close(CLOSE_GOING_AWAY, "server shutting down")
             return
@@ -590,6 +730,7 @@ class SignalingFactory(WebSocketServerFactory):
     def __init__(self, registry, settings: Settings, clock=None, new_id=None, **kwargs):
         if clock is None:
             from twisted.internet import reactor as clock
+        kwargs.setdefault("server", "signaling")  # the Server header: no versions to fingerprint
         super().__init__(reactor=clock, **kwargs)
         self.registry = registry
         self.settings = settings
@@ -603,9 +744,16 @@ class SignalingFactory(WebSocketServerFactory):
         self.new_id = new_id
         self.connections = {}
         self.shutting_down = False
-        self.admitted = 0  # handshakes accepted and not yet closed
-        self.per_ip = {}  # address -> admitted connections from it
+        # every WebSocket connection from its first byte to its end, in total
+        # and per address key (an IPv6 client by its /ipv6_prefix network)
+        self.counts = ConnectionCounts(settings.max_connections, settings.max_connections_per_ip)
         self.reserved = set()  # fixed peer ids (from tokens) of opening connections
+        self.rate_limited_text = (
+            f"too many messages: at most {settings.rate:g} per second (bursts of {settings.burst}); "
+            "this one was dropped"
+        )
+        self.rate_limited_frame = messages.encode(messages.error("rate-limited", self.rate_limited_text, None))
+        self._refusals = LogBudget(clock, self._refusals_held, lines=10)
         self.corked = None  # peer -> frames held until the end of this reactor iteration
         self._batched_timer = ClockTimer(clock)
         self.setProtocolOptions(
@@ -661,23 +809,83 @@ class SignalingFactory(WebSocketServerFactory):
             return None
         return "cluster state unavailable ({}); try again".format(registry.health().get("redis", "not ready"))
 
-    def admit(self, proto: SignalingServerProtocol) -> None:
+    @property
+    def admitted(self) -> int:
+        """WebSocket connections counted now (opening or open)."""
+        return self.counts.total
+
+    @property
+    def per_ip(self) -> dict:
+        """Address key -> connections counted from it."""
+        return self.counts.per_key
+
+    def accept(self, proto: SignalingServerProtocol):
+        """
+        Count a new connection from its first byte, by its TCP peer's
+        address (not yet, for a trusted proxy: see :meth:`count_address`);
+        return ``(status, reason)`` if it is over a cap (then it is not counted).
+        """
+        settings = self.settings
+        peer = proto.ip = host_of(proto.transport.getPeer())
+        key = None if is_trusted_proxy(peer, settings.trusted_proxies) else address_key(peer, settings.ipv6_prefix)
+        refused = self.counts.add(key)
+        if refused == "total":
+            return 503, "server full"
+        if refused is not None:
+            return 429, "too many connections from your address"
         proto._counted = True
-        self.admitted += 1
-        self.per_ip[proto.ip] = self.per_ip.get(proto.ip, 0) + 1
-        if proto._fixed_id is not None:
-            self.reserved.add(proto._fixed_id)
+        proto._key = key
+        return None
+
+    def count_address(self, proto: SignalingServerProtocol) -> bool:
+        """Count a connection through a trusted proxy by the address it forwards for; False if over the cap."""
+        key = address_key(proto.ip, self.settings.ipv6_prefix)
+        if not proto._counted or not self.counts.add_key(key):
+            return False
+        proto._key = key
+        return True
 
     def release(self, proto: SignalingServerProtocol) -> None:
-        proto._counted = False
-        self.admitted -= 1
-        left = self.per_ip[proto.ip] - 1
-        if left:
-            self.per_ip[proto.ip] = left
-        else:
-            del self.per_ip[proto.ip]
-        if proto._fixed_id is not None:
+        if proto._counted:
+            proto._counted = False
+            self.counts.remove(proto._key)
+        self.unreserve(proto)
+
+    def unreserve(self, proto: SignalingServerProtocol) -> None:
+        """Let other handshakes use ``proto``'s fixed id again (it has joined, or failed)."""
+        if proto._reserving:
+            proto._reserving = False
             self.reserved.discard(proto._fixed_id)
+
+    def note_refusal(self, ip: str, status: int, reason: str) -> None:
+        """Log a refused handshake, within a budget of lines per interval."""
+        if self._refusals.allow(str(status)):
+            self._log.info("refused connection from {ip}: {status} {reason}", ip=ip, status=status, reason=reason)
+
+    def _refusals_held(self, summary: str) -> None:
+        self._log.warn(
+            "refused connections not logged in the last {interval}s (by HTTP status): {summary}",
+            interval=self._refusals.interval, summary=summary,
+        )
+
+    def take_over(self, older: SignalingServerProtocol):
+        """
+        A newer connection presented a token for the fixed id ``older``
+        holds: ``older`` (perhaps a dead network nobody has noticed yet) is
+        closed with 4409 and forgotten at once, so that the id is free for
+        the newer one (its partners get ``peer_left``).  Fires when done.
+        """
+        peer_id = older.peer_id
+        if peer_id is None or self.connections.get(peer_id) is not older:
+            return None  # it has gone already
+        self._log.info("peer {peer} replaced by a newer connection with its token", peer=peer_id)
+        older.close(CLOSE_REPLACED, "replaced by a newer connection with the same id")
+        older.transport.loseConnection()
+        older.peer_id = None  # its close must not remove the newer one: it leaves now
+        done = Deferred()
+        older.closed.addBoth(lambda result: (done.callback(None), result)[1])
+        older._enqueue(self.leave, older, peer_id, False, CLOSE_REPLACED)
+        return done
 
     # -- membership ---------------------------------------------------------
 

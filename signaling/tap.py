@@ -18,16 +18,17 @@ from twisted.internet.defer import fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from signaling import __version__
 from signaling.gcpolicy import GenerationalFreeze
+from signaling.httpguard import GuardedSite
 from signaling.protocol import Settings, SignalingFactory
 from signaling.registry import Registry
 from signaling.tokens import read_secret
 from signaling.web import SignalingWeb, WebSocketTakeover
 
 _DEFAULTS = Settings()
+_log = Logger()
 
 
 def _number(kind, name, allow_zero):
@@ -46,6 +47,19 @@ def _number(kind, name, allow_zero):
 
     convert.coerceDoc = "0 disables it." if allow_zero else "Must be positive."
     return convert
+
+
+def _prefix(value):
+    try:
+        prefix = int(value)
+    except ValueError:
+        raise ValueError(f"--ipv6-prefix must be a whole number, got {value!r}") from None
+    if not 1 <= prefix <= 128:
+        raise ValueError(f"--ipv6-prefix must be 1 to 128, got {value!r}")
+    return prefix
+
+
+_prefix.coerceDoc = ""
 
 
 def _positive(kind, name):
@@ -77,10 +91,17 @@ class Options(usage.Options):
         ["ping-timeout", None, _DEFAULTS.ping_timeout,
          "Seconds to wait for a pong before the peer is dropped.", _non_negative(float, "ping-timeout")],
         ["handshake-timeout", None, _DEFAULTS.handshake_timeout,
-         "Seconds allowed for the WebSocket opening handshake.", _non_negative(float, "handshake-timeout")],
+         "Seconds allowed for a WebSocket opening handshake, and for each HTTP request head "
+         "(trickled bytes do not extend it).", _non_negative(float, "handshake-timeout")],
+        ["max-request-head", None, _DEFAULTS.max_handshake,
+         "Largest request line plus headers, in bytes, of an HTTP request or a WebSocket "
+         "handshake (HTTP 414 or 431 past it).", _positive(int, "max-request-head")],
         ["max-message-size", None, _DEFAULTS.max_message_size,
          "Largest accepted message in bytes; larger ones close the socket with 1009.",
          _positive(int, "max-message-size")],
+        ["max-fragments", None, _DEFAULTS.max_fragments,
+         "Most frames one message may arrive in; more close the socket with 1009.",
+         _positive(int, "max-fragments")],
         ["rate", None, _DEFAULTS.rate,
          "Messages per second each peer may send on average.", _non_negative(float, "rate")],
         ["burst", None, _DEFAULTS.burst,
@@ -101,14 +122,26 @@ class Options(usage.Options):
          "WebSockets allowed at once in total; more are refused with HTTP 503.",
          _positive(int, "max-connections")],
         ["max-connections-per-ip", None, _DEFAULTS.max_connections_per_ip,
-         "WebSockets allowed at once from one client address; more get HTTP 429.",
-         _positive(int, "max-connections-per-ip")],
+         "WebSockets allowed at once from one client address (opening ones included); "
+         "more get HTTP 429.", _positive(int, "max-connections-per-ip")],
+        ["max-http-connections", None, 1024,
+         "HTTP connections (not yet WebSockets) allowed at once on the HTTP port; more get "
+         "HTTP 503 and are closed at once.", _positive(int, "max-http-connections")],
+        ["max-http-connections-per-ip", None, 64,
+         "HTTP connections allowed at once from one client address; more get HTTP 429.",
+         _positive(int, "max-http-connections-per-ip")],
+        ["ipv6-prefix", None, _DEFAULTS.ipv6_prefix,
+         "Per-address limits count an IPv6 client by its network of this prefix length "
+         "(1 to 128).", _prefix],
         ["max-outbound-buffer", None, _DEFAULTS.max_outbound,
          "Bytes that may wait unsent to a peer that does not read before it is dropped.",
          _positive(int, "max-outbound-buffer")],
         ["token-secret-file", None, None,
          "File with the shared secret for access tokens; when set, WebSockets need a "
          "valid token (?token= or Authorization: Bearer), else HTTP 401."],
+        ["token-max-lifetime", None, _DEFAULTS.token_max_lifetime,
+         "Seconds an access token may still be valid for when it is presented; tokens "
+         "valid for longer are refused (HTTP 401).", _positive(float, "token-max-lifetime")],
         ["stats-token-file", None, None,
          "File with a bearer token that /api/stats then requires (else HTTP 401)."],
         ["redis", None, None,
@@ -134,6 +167,7 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["origins"] = []
+        self["stats-origins"] = []
         self["trusted-proxies"] = []
 
     def opt_origin(self, origin):
@@ -143,6 +177,13 @@ class Options(usage.Options):
         Others are refused with HTTP 403.
         """
         self["origins"].append(origin.rstrip("/"))
+
+    def opt_stats_origin(self, origin):
+        """
+        Let pages from this Origin read /api/stats (CORS; * and ? wildcards
+        work).  Repeatable; without it no other origin may.
+        """
+        self["stats-origins"].append(origin.rstrip("/"))
 
     def opt_trusted_proxy(self, network):
         """
@@ -205,6 +246,10 @@ class Options(usage.Options):
             drain_timeout=self["drain-timeout"],
             max_connections=self["max-connections"],
             max_connections_per_ip=self["max-connections-per-ip"],
+            ipv6_prefix=self["ipv6-prefix"],
+            max_handshake=self["max-request-head"],
+            max_fragments=self["max-fragments"],
+            token_max_lifetime=self["token-max-lifetime"],
             max_outbound=self["max-outbound-buffer"],
             allowed_origins=tuple(self["origins"]),
             token_secret=self.token_secret,
@@ -381,14 +426,66 @@ def make_factory(options: Options, registry, reactor) -> SignalingFactory:
     return SignalingFactory(registry, options.settings(), reactor)
 
 
-def make_site(options: Options, registry, factory) -> Site:
+def make_site(options: Options, registry, factory, reactor) -> GuardedSite:
     web = SignalingWeb(
         registry,
         WebSocketTakeover(factory),
         stats_token=options.stats_token,
         hide_ip=bool(options["stats-hide-ip"]),
+        stats_origins=options["stats-origins"],
     )
-    return Site(web.resource())
+    return GuardedSite(
+        web.resource(), reactor,
+        max_connections=options["max-http-connections"],
+        max_per_address=options["max-http-connections-per-ip"],
+        max_head=options["max-request-head"],
+        head_timeout=options["handshake-timeout"],
+        trusted_proxies=tuple(options["trusted-proxies"]),
+        ipv6_prefix=options["ipv6-prefix"],
+    )
+
+
+#: file descriptors kept for everything but client connections (listeners, Redis, logs)
+FD_RESERVE = 64
+
+
+def fit_fd_limit(options: Options) -> None:
+    """
+    Make the connection caps fit the process's file descriptor limit, so
+    that running out of descriptors (which stops every accept, health
+    checks included) cannot happen: raise the soft limit as far as the hard
+    one allows; if that is still short, lower --max-http-connections to at
+    most a quarter of what is left and --max-connections to the rest, and
+    say so.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    ws, http = options["max-connections"], options["max-http-connections"]
+    needed = ws + http + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    except (ValueError, OSError):
+        pass
+    if soft >= needed:
+        return
+    available = max(2, soft - FD_RESERVE)
+    http = min(http, max(1, available // 4))
+    ws = min(ws, available - http)
+    _log.warn(
+        "the file descriptor limit ({limit}) is below --max-connections ({old_ws}) + "
+        "--max-http-connections ({old_http}) + {reserve}: using {ws} and {http} "
+        "(raise the limit: ulimit -n, or LimitNOFILE= in systemd)",
+        limit=soft, old_ws=options["max-connections"], old_http=options["max-http-connections"],
+        reserve=FD_RESERVE, ws=ws, http=http,
+    )
+    options["max-connections"], options["max-http-connections"] = ws, http
 
 
 def make_registry(options: Options, reactor):
@@ -407,6 +504,7 @@ def make_registry(options: Options, reactor):
 def makeService(options: Options, reactor=None) -> SignalingService:
     if reactor is None:
         from twisted.internet import reactor
+    fit_fd_limit(options)
     registry, backend = make_registry(options, reactor)
     factory = make_factory(options, registry, reactor)
     if backend is not None:
@@ -414,7 +512,7 @@ def makeService(options: Options, reactor=None) -> SignalingService:
         registry.local_peers = factory.local_peers
     service = SignalingService(factory, options["drain-timeout"], reactor, backend)
     backlog = options["backlog"]
-    listeners = [("http", options["http"], make_site(options, registry, factory))]
+    listeners = [("http", options["http"], make_site(options, registry, factory, reactor))]
     if options["ws"] != "none":
         listeners.append(("ws", options["ws"], factory))
     for label, description, server_factory in listeners:

@@ -8,8 +8,11 @@ The HTTP side, a Klein app on the same reactor as the WebSocket server:
 - ``/ws``: the WebSocket endpoint, for deployments that expose one port.
 """
 
+import base64
+import hashlib
 import hmac
 import json
+import re
 from datetime import datetime, timezone
 from importlib import resources
 
@@ -19,6 +22,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from signaling.admission import origin_allowed
 from signaling.registry import IClusterRegistry
 
 #: /api/health's status for each state of a cluster registry
@@ -64,13 +68,50 @@ class WebSocketTakeover(WebSocketResource):
     """
 
     def render(self, request):
+        channel = request.channel
         result = super().render(request)
         if result == NOT_DONE_YET:
-            requests = getattr(request.channel, "requests", None)  # an HTTP/1.x channel's queue
+            release = getattr(getattr(channel, "site", None), "release", None)
+            if release is not None:  # a GuardedSite's count: the connection is a WebSocket's now
+                release(channel)
+            requests = getattr(channel, "requests", None)  # an HTTP/1.x channel's queue
             if requests is not None and request in requests:
                 requests.remove(request)
             request.notifications = []  # nothing will ever fire them: the channel is gone
         return result
+
+
+#: headers on every HTTP response (a page sets its own Content-Security-Policy)
+SECURITY_HEADERS = (
+    (b"Server", b"signaling"),  # no versions to fingerprint
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"X-Frame-Options", b"DENY"),
+    (b"Referrer-Policy", b"no-referrer"),
+    (b"Content-Security-Policy", b"default-src 'none'; frame-ancestors 'none'"),
+)
+
+
+def page_policy(html: bytes) -> bytes:
+    """
+    The Content-Security-Policy for an HTML page of ours: its own inline
+    scripts and styles (by hash) and same-origin scripts; WebSockets to any
+    server (the user may type another address); no frames around it.
+    """
+    hashes = {"script": [], "style": []}
+    for kind, body in re.findall(rb"<(script|style)\b[^>]*>(.*?)</\1>", html, re.S):
+        if body.strip():
+            digest = base64.b64encode(hashlib.sha256(body).digest())
+            hashes[kind.decode()].append(b"'sha256-" + digest + b"'")
+    return b"; ".join([
+        b"default-src 'none'",
+        b" ".join([b"script-src 'self'", *hashes["script"]]),
+        b" ".join([b"style-src", *hashes["style"]]) if hashes["style"] else b"style-src 'none'",
+        b"img-src 'self' data:",
+        b"connect-src 'self' ws: wss:",
+        b"base-uri 'none'",
+        b"form-action 'none'",
+        b"frame-ancestors 'none'",
+    ])
 
 
 class Root(Resource):
@@ -78,7 +119,8 @@ class Root(Resource):
     The HTTP port: ``/ws`` goes straight to the WebSocket resource and
     everything else to the Klein app.  (Klein's and werkzeug's routing
     leave each request they handle in reference cycles; an upgraded
-    WebSocket would tie its whole connection to them.)
+    WebSocket would tie its whole connection to them.)  Every response
+    gets :data:`SECURITY_HEADERS`.
     """
 
     def __init__(self, app_resource, ws_resource):
@@ -87,6 +129,9 @@ class Root(Resource):
         self.ws_resource = ws_resource
 
     def getChildWithDefault(self, name, request):
+        headers = request.responseHeaders
+        for header, value in SECURITY_HEADERS:
+            headers.setRawHeaders(header, [value])
         if name == b"ws" and not request.postpath and self.ws_resource is not None:
             return self.ws_resource
         request.postpath.insert(0, request.prepath.pop())  # the app sees the whole path
@@ -103,27 +148,52 @@ class SignalingWeb:
     :param stats_token: if set, ``/api/stats`` requires
         ``Authorization: Bearer <stats_token>``.
     :param hide_ip: show ``null`` instead of client addresses in the stats.
+    :param stats_origins: browser origins (exact, or ``*``/``?`` patterns)
+        allowed to read ``/api/stats`` from their pages (CORS); none by default.
     """
 
     app = Klein()
+    # werkzeug would answer //path with a redirect built from the Host header
+    app.url_map.merge_slashes = False
 
-    def __init__(self, registry, ws_resource=None, stats_token=None, hide_ip=False):
+    def __init__(self, registry, ws_resource=None, stats_token=None, hide_ip=False, stats_origins=()):
         self.registry = registry
         self.ws_resource = ws_resource
         self.stats_token = stats_token
         self.hide_ip = hide_ip
+        self.stats_origins = tuple(stats_origins)
         self.test_page = static_file("test.html")
+        self.test_page_policy = page_policy(self.test_page)
         self.client_module = static_file("signaling.js")
 
     def resource(self):
         """The resource to serve: the routes below, with ``/ws`` taken first."""
         return Root(self.app.resource(), self.ws_resource)
 
+    def _cors(self, request) -> bool:
+        """Allow the request's Origin to read the response if it is listed; return whether it is."""
+        request.setHeader(b"Vary", b"Origin")
+        origin = (request.getHeader(b"origin") or b"").decode("latin-1")
+        if not origin or not self.stats_origins or not origin_allowed(origin, self.stats_origins):
+            return False
+        request.setHeader(b"Access-Control-Allow-Origin", origin.encode("latin-1"))
+        return True
+
+    @app.route("/api/stats", methods=["OPTIONS"])
+    def stats_preflight(self, request):
+        """CORS preflight (a page sending the stats token): allowed only for the listed origins."""
+        if self._cors(request):
+            request.setHeader(b"Access-Control-Allow-Methods", b"GET, HEAD")
+            request.setHeader(b"Access-Control-Allow-Headers", b"Authorization")
+            request.setHeader(b"Access-Control-Max-Age", b"600")
+        request.setResponseCode(204)
+        return b""
+
     @app.route("/api/stats", methods=["GET", "HEAD"])
     def stats(self, request):
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        self._cors(request)
         if self.stats_token is not None and not self._authorized(request):
             request.setResponseCode(401)
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="signaling stats"')
@@ -168,6 +238,7 @@ class SignalingWeb:
     def test_html(self, request):
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"Content-Security-Policy", self.test_page_policy)
         return self.test_page
 
     @app.route("/signaling.js", methods=["GET", "HEAD"])

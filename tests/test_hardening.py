@@ -13,14 +13,19 @@ SECRET = b"0123456789abcdef-test-secret"
 
 
 def refusal(h, **kwargs):
-    """Connect expecting a refused handshake; return the HTTP status the server gave."""
+    """
+    Connect expecting a refused handshake; return the HTTP status the client
+    got (the same as the server logged, when the refusal was within the log
+    budget).
+    """
     with capturedLogs() as events:
         client = h.connect(handshake=False, **kwargs)
     assert client.received == []
     assert client.closed_with is not None
-    statuses = [e["status"] for e in events if "status" in e and "refused" in e.get("log_format", "")]
-    assert len(statuses) == 1, events
-    return statuses[0]
+    status = int(client.http_status_line.split()[1])
+    logged = [e["status"] for e in events if "status" in e and "refused" in e.get("log_format", "")]
+    assert logged in ([], [status]), events
+    return status
 
 
 # -- origins ------------------------------------------------------------------------
@@ -64,6 +69,11 @@ def test_token_round_trip():
         (lambda t: t.replace(".", ""), "malformed token"),
         (lambda t: "", "missing or oversized token"),
         (lambda t: "a" * 3000, "missing or oversized token"),
+        (lambda t: t + "é", "malformed token"),
+        (lambda t: "\u0663" + t, "malformed token"),
+        (lambda t: t.replace(".", "\x00."), "malformed token"),
+        (lambda t: t + ".x", "malformed token"),
+        (lambda t: t.replace(".", " ."), "malformed token"),
     ],
 )
 def test_token_tampering_refused(mangle, reason):
@@ -81,6 +91,38 @@ def test_token_expiry_and_wrong_secret():
         verify_token(SECRET, token, now=1060)
     with pytest.raises(TokenError, match="signature"):
         verify_token(b"another-secret-of-16+", token, now=1000)
+
+
+def test_token_of_any_kind_of_junk_is_a_token_error():
+    """Whatever the text, verifying raises TokenError (HTTP 401), never another error (HTTP 500)."""
+    import string
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    alphabet = st.sampled_from(string.printable + "é漢\u202e\x00\ud800.")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet, max_size=80) | st.text(max_size=80))
+    def check(text):
+        try:
+            verify_token(SECRET, text, now=1000)
+        except TokenError:
+            pass
+
+    check()
+
+
+def test_token_maximum_lifetime():
+    """A token valid for longer than the server's maximum lifetime is refused; within it, accepted."""
+    token = make_token(SECRET, ttl=7 * 86400, now=1000)
+    with pytest.raises(TokenError, match="longer than the server allows"):
+        verify_token(SECRET, token, now=1000, max_lifetime=86400)
+    assert verify_token(SECRET, token, now=1000 + 6 * 86400, max_lifetime=86400)["exp"] == 1000 + 7 * 86400
+    h = Harness(token_secret=SECRET, token_max_lifetime=3600)
+    now = h.clock.seconds()
+    assert refusal(h, url="ws://127.0.0.1:8080/?token=" + make_token(SECRET, 3601, now=now)) == 401
+    h.connect(url="ws://127.0.0.1:8080/?token=" + make_token(SECRET, 3600, now=now))
 
 
 def test_token_peer_id_validated():
@@ -104,6 +146,9 @@ def test_token_command(tmp_path, capsys):
     short.write_bytes(b"tiny")
     assert main(["--secret-file", str(short)]) == 2
     assert "at least 16 bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--secret-file", str(secret_file), "--ttl", "-5"])  # would print an expired token
+    assert e.value.code == 2 and "--ttl must be positive" in capsys.readouterr().err
 
 
 def test_token_required_at_handshake():
@@ -120,18 +165,49 @@ def test_token_required_at_handshake():
 
 
 def test_token_fixes_the_peer_id():
-    """A token with a peer id gives that id; a second connection with it is refused with 409 until the first leaves."""
+    """
+    A token with a peer id gives that id.  A newer connection with that id
+    takes it over: the older one (say, on a network that died unnoticed) is
+    closed with 4409 at once and its partner told peer_left; the newer one
+    is welcomed with the id, idle.
+    """
     h = Harness(token_secret=SECRET)
     token = make_token(SECRET, ttl=60, peer_id="alice", now=h.clock.seconds())
     url = "ws://127.0.0.1:8080/?token=" + token
     alice = h.connect(url=url)
     assert alice.peer_id == "alice"
     assert "alice" in h.registry
-    assert refusal(h, url=url) == 409
-    alice.sendClose(1000)
+    bob = h.connect(url="ws://127.0.0.1:8080/?token=" + make_token(SECRET, ttl=60, now=h.clock.seconds()))
+    h.pair(bob, alice)
+    again = h.connect(url=url)  # checks the welcome with id alice
+    assert alice.closed_with is not None and alice.closed_with[1] == 4409
+    assert bob.take() == [{"type": "disconnect", "from": "alice", "data": {"reason": "peer_left"}}]
+    assert h.registry.get("alice").state == "idle" and h.factory.connections["alice"] is again.server
+    assert h.factory.admitted == 2 and h.factory.reserved == set()
+    h.pair(bob, again)
+    again.sendClose(1000)
     h.flush()
     assert "alice" not in h.registry
     assert h.connect(url=url).peer_id == "alice"
+
+
+def test_fixed_id_while_its_handshake_is_under_way():
+    """A second handshake for a fixed id whose first connection is not open yet is refused with 409."""
+    from test_protocol import PendingRegistry
+
+    from signaling.registry import Registry
+
+    h = Harness(token_secret=SECRET)
+    pending = PendingRegistry(Registry(h.clock))
+    h.factory.registry = pending
+    url = "ws://127.0.0.1:8080/?token=" + make_token(SECRET, ttl=60, peer_id="carol", now=h.clock.seconds())
+    first = h.connect(url=url, handshake=False)
+    assert first.received == []  # open, not yet welcomed: the registry has not answered
+    assert refusal(h, url=url) == 409
+    pending.release()
+    h.flush()
+    assert first.take() == [{"type": "welcome", "id": "carol"}]
+    assert h.factory.reserved == set()
 
 
 # -- connection limits ----------------------------------------------------------------

@@ -217,3 +217,86 @@ def test_health_of_a_cluster_node(state, code, status):
     response, body = get(StubTreq(SignalingWeb(Node()).resource()), "http://x/api/health")
     assert response.code == code
     assert json.loads(body) == {"status": status, "registry": "redis", "redis": state, "node": "n1", "since": 12.5}
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/stats", "/api/health", "/test.html", "/signaling.js", "/nope", "/", "/favicon.ico"]
+)
+def test_security_headers_on_every_response(setup, path):
+    """Every response says nosniff, no framing, no referrer, a CSP, and a Server header without versions."""
+    _, _, treq = setup
+    response, _ = get(treq, "http://localhost" + path, allow_redirects=False)
+    headers = response.headers
+    assert headers.getRawHeaders("server") == ["signaling"]
+    assert headers.getRawHeaders("x-content-type-options") == ["nosniff"]
+    assert headers.getRawHeaders("x-frame-options") == ["DENY"]
+    assert headers.getRawHeaders("referrer-policy") == ["no-referrer"]
+    [policy] = headers.getRawHeaders("content-security-policy")
+    assert "frame-ancestors 'none'" in policy
+    if path != "/test.html":
+        assert policy.startswith("default-src 'none'")
+
+
+def test_test_page_policy_allows_exactly_its_own_scripts(setup):
+    """The test page's CSP names its inline script and style by hash; nothing else inline runs."""
+    import base64
+    import hashlib
+
+    _, _, treq = setup
+    response, body = get(treq, "http://localhost/test.html")
+    [policy] = response.headers.getRawHeaders("content-security-policy")
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    script = re.search(rb"<script type=\"module\">(.*?)</script>", body, re.S).group(1)
+    style = re.search(rb"<style>(.*?)</style>", body, re.S).group(1)
+
+    def digest(text):
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text).digest()).decode() + "'"
+
+    assert directives["script-src"] == "'self' " + digest(script)
+    assert directives["style-src"] == digest(style)
+    assert directives["connect-src"] == "'self' ws: wss:"
+    assert "'unsafe-inline'" not in policy and "'unsafe-eval'" not in policy
+
+
+def test_stats_cors_only_for_listed_origins():
+    """/api/stats sends no CORS headers by default; with stats_origins, only to a listed Origin (echoed, Vary)."""
+    registry = Registry(Clock())
+    closed = StubTreq(SignalingWeb(registry).resource())
+    response, _ = get(closed, "http://localhost/api/stats", headers={"Origin": "https://evil.example"})
+    assert response.code == 200 and not response.headers.hasHeader("access-control-allow-origin")
+    listed = StubTreq(SignalingWeb(registry, stats_origins=("https://dash.example", "https://*.ops.example")).resource())
+    for origin in ("https://dash.example", "https://a.ops.example"):
+        response, _ = get(listed, "http://localhost/api/stats", headers={"Origin": origin})
+        assert response.headers.getRawHeaders("access-control-allow-origin") == [origin]
+        assert response.headers.getRawHeaders("vary") == ["Origin"]
+    response, _ = get(listed, "http://localhost/api/stats", headers={"Origin": "https://evil.example"})
+    assert not response.headers.hasHeader("access-control-allow-origin")
+
+
+def test_stats_preflight():
+    """A listed page may send the stats token: the preflight allows GET with Authorization; others get nothing."""
+    treq = StubTreq(SignalingWeb(Registry(Clock()), stats_origins=("https://dash.example",)).resource())
+    results = []
+
+    async def go(origin):
+        response = await treq.request("OPTIONS", "http://localhost/api/stats", headers={"Origin": origin})
+        results.append(response)
+
+    for origin in ("https://dash.example", "https://evil.example"):
+        ensureDeferred(go(origin))
+        treq.flush()
+    allowed, refused = results
+    assert allowed.code == 204
+    assert allowed.headers.getRawHeaders("access-control-allow-headers") == ["Authorization"]
+    assert allowed.headers.getRawHeaders("access-control-allow-origin") == ["https://dash.example"]
+    assert refused.code == 204 and not refused.headers.hasHeader("access-control-allow-origin")
+
+
+def test_doubled_slashes_are_not_redirected_by_host(setup):
+    """Doubled slashes are not answered with a redirect built from the Host header (or X-Forwarded-Host)."""
+    _, _, treq = setup
+    for path in ("/api//stats", "//api/stats", "/api/stats//", "//"):
+        response, _ = get(treq, "http://localhost" + path, allow_redirects=False,
+                          headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"})
+        assert response.code in (200, 302, 404), (path, response.code)
+        assert response.headers.getRawHeaders("location", ["/test.html"]) == ["/test.html"]  # relative, if any
