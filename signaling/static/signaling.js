@@ -29,6 +29,8 @@ export class SignalingClient extends EventTarget {
    * @param {object} options
    *   iceServers: RTCIceServer list for RTCPeerConnection (default: []).
    *   autoAnswer: accept pings and answer offers by itself (default: true).
+   *   confirmCall: optional (from) => boolean or Promise<boolean>, asked before
+   *     an incoming call is accepted (e.g. a prompt for the user).
    *   channelLabel: label of the data channel the caller opens (default: "chat").
    *   pongTimeout: ms to wait for the pong in call() (default: 15000).
    */
@@ -37,6 +39,7 @@ export class SignalingClient extends EventTarget {
     this.url = url;
     this.iceServers = options.iceServers || [];
     this.autoAnswer = options.autoAnswer !== undefined ? options.autoAnswer : true;
+    this.confirmCall = options.confirmCall || null;
     this.channelLabel = options.channelLabel || "chat";
     this.pongTimeout = options.pongTimeout || 15000;
     this.id = null;
@@ -227,6 +230,8 @@ export class SignalingClient extends EventTarget {
       return;
     }
     if (!this.autoAnswer || this.callState !== "idle") return;
+    if (this.confirmCall && !(await this.confirmCall(msg.from))) return;
+    if (this.callState !== "idle") return;  // something else happened while we asked
     this.peerId = msg.from;
     this.pong(msg.from, { received: true });
     this._setCallState("in-call");
