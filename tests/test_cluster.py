@@ -312,7 +312,7 @@ def test_node_killed_while_starting(cluster, point):
             try:
                 return await connect(node.ws)
             except websockets.exceptions.InvalidStatus as e:
-                refusal = (e.value.response.status_code, e.value.response.reason_phrase)
+                refusal = (e.response.status_code, e.response.reason_phrase)
                 assert refusal == (503, "cluster state unavailable (starting); try again"), refusal
             assert asyncio.get_running_loop().time() < deadline, "the node never admitted a peer"
 
