@@ -63,6 +63,7 @@ class Server:
         if "ws" not in self.ports:
             self.stop()
             raise SystemExit("server did not start:\n" + "".join(self.lines[-20:]))
+        self.line_count = len(self.lines)  # all the lines logged so far (``lines`` keeps the last ones)
         threading.Thread(target=self._drain, daemon=True).start()
         self.ws = f"ws://127.0.0.1:{self.ports['ws']}/"
         self.http = f"http://127.0.0.1:{self.ports['http']}" if "http" in self.ports else None
@@ -70,6 +71,7 @@ class Server:
     def _drain(self):
         for line in self.proc.stdout:
             self.lines.append(line)
+            self.line_count += 1
             if len(self.lines) > 5000:
                 del self.lines[:1000]
 

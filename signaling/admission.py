@@ -31,6 +31,8 @@ def host_of(address) -> str:
     host = getattr(address, "host", None)
     if host is None:
         return str(address)
+    if ":" not in host:
+        return host  # IPv4 from the kernel: already in its one form
     return normal_ip(host) or host
 
 

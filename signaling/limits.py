@@ -45,11 +45,13 @@ def address_key(address: str, ipv6_prefix: int = 64) -> str:
     whole /64, so counting single IPv6 addresses would not limit anyone),
     anything else (a UNIX socket peer) as given.
     """
+    if ":" not in address:
+        return address  # IPv4 (or not an IP address at all): itself
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
-    if ip.version == 6 and ipv6_prefix < 128:
+    if ipv6_prefix < 128:
         return str(ipaddress.ip_network((ip, ipv6_prefix), strict=False))
     return str(ip)
 

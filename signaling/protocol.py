@@ -35,7 +35,7 @@ from signaling.admission import bearer, client_address, host_of, is_trusted_prox
 from signaling.framing import text_frame, unmask, unsent_bytes, write
 from signaling.limits import ConnectionCounts, LogBudget, TokenBucket, address_key
 from signaling.registry import IClusterRegistry, PeerIdTaken, SignalingError
-from signaling.safetext import SafeLogger, safe
+from signaling.safetext import SafeLogger, safe, txaio_off
 from signaling.tokens import TokenError, verify_token
 
 #: close code sent to every peer when the server shuts down
@@ -86,7 +86,7 @@ class Settings:
     close_timeout: float = 2.0
     rate: float = 50.0
     burst: int = 100
-    #: consecutive rate-limited messages after which the peer is closed (1008)
+    #: rate-limited frames (net of those let through since) at which the peer is closed (1008)
     flood_strikes: int = 100
     drain_timeout: float = 5.0
     #: open (or opening, from the first byte) WebSockets allowed in total, and per client address
@@ -98,6 +98,10 @@ class Settings:
     max_handshake: int = 16384
     #: frames (the first and its continuations) one message may arrive in
     max_fragments: int = 64
+    #: frames of one connection handled per reactor turn; the rest wait for a later turn
+    frames_per_turn: int = 8
+    #: seconds per reactor turn spent on connections that had frames left over
+    held_slice: float = 0.005
     #: bytes queued for a peer that does not read before it is dropped
     max_outbound: int = 1024 * 1024
     #: allowed Origin values (exact, or fnmatch patterns); empty: any
@@ -145,7 +149,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
 
     _log = Logger()  # Autobahn owns ``self.log``
     #: Autobahn's own log lines for this protocol, with client-controlled values made safe
-    log = SafeLogger(WebSocketServerProtocol.log)
+    log = SafeLogger(WebSocketServerProtocol.log, off=txaio_off())
 
     peer_id: Optional[str] = None
     ip: str = "?"
@@ -159,6 +163,8 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     _fragments = 0  # frames of the message being received
     _cost = 0  # what the message being received counts against the size limit
     _errors = None  # LogBudget of this peer's error lines, made at its first error
+    _budget = 0  # frames this connection may still have handled in this reactor turn
+    _held = None  # what it sent past that budget, handled at the next turn (reading paused)
 
     def _connectionMade(self):
         # Autobahn copies its options from the factory and then pretty-prints
@@ -223,18 +229,25 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     def dataReceived(self, data):
         if self._discard:
             return
+        if self._held is not None:  # (a TLS layer may hand over what it had already decrypted)
+            self._held += data
+            return
         state = self.state
-        if (
-            self.fast_path
-            and state == _STATE_OPEN
-            and not self.data
-            and self.current_frame is None
-            and not self.inside_message
-            and self._perMessageCompress is None
-        ):
-            data = self._fast_frames(data)
-            if not data:
-                return
+        if state == _STATE_OPEN:
+            self._budget = self.factory.settings.frames_per_turn
+            if (
+                self.fast_path
+                and not self.data
+                and self.current_frame is None
+                and not self.inside_message
+                and self._perMessageCompress is None
+            ):
+                data = self._fast_frames(data)
+                if not data:
+                    return
+                if self._budget <= 0:
+                    self._hold(data)
+                    return
         elif state == _STATE_CONNECTING and len(self.data) + len(data) > self.factory.settings.max_handshake:
             self._handshake_too_big(self.data + data)
             return
@@ -261,7 +274,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             self.factory.cork()
         pos, end = 0, len(data)
         limit = self.maxMessagePayloadSize
-        while end - pos >= 6 and data[pos] == 0x81:
+        while end - pos >= 6 and data[pos] == 0x81 and self._budget > 0:
             b1 = data[pos + 1]
             if not b1 & 0x80:
                 break  # unmasked: a protocol error, Autobahn's to report
@@ -279,18 +292,27 @@ class SignalingServerProtocol(WebSocketServerProtocol):
                 break  # 64-bit lengths
             if (limit and length > limit) or start + length > end:
                 break
+            if self._bucket.take():
+                if self._strikes:
+                    self._strikes -= 1
+            else:  # over the rate limit: dropped unread (not even unmasked)
+                self._strike()
+                if self._discard:
+                    break
+                pos = start + length
+                self._budget -= 1
+                self._rate_limited()
+                continue
             payload = unmask(data[start : start + length], data[start - 4 : start])
             try:
                 payload.decode("utf-8")
             except UnicodeDecodeError:
                 break  # Autobahn fails the connection with 1007
             pos = start + length
+            self._budget -= 1
             if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
                 self._cancelAutoPingTimeoutCall()
-            if self._spend():
-                self._handle(payload, False)
-            elif not self._discard:
-                self._rate_limited()
+            self._handle(payload, False)
             if self.state != _STATE_OPEN:
                 break
         if self._discard:
@@ -303,10 +325,36 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         if self._discard:
             self.data = b""
             return False
+        if self._budget <= 0 and self.current_frame is None and self.data and self.state == _STATE_OPEN:
+            data, self.data = self.data, b""
+            self._hold(data)
+            return False
         return WebSocketServerProtocol.processData(self)
+
+    # -- fairness: a bounded number of frames per connection per reactor turn --
+
+    def _hold(self, data: bytes) -> None:
+        """
+        This connection has had its frames for this reactor turn: keep the
+        rest of what it sent, read nothing more from it, and wait in the
+        factory's queue of held connections (see SignalingFactory.resume_held)
+        while every other connection is served.
+        """
+        self._held = data
+        self.transport.pauseProducing()
+        self.factory.hold(self)
+
+    def _resume(self) -> None:
+        data, self._held = self._held, None
+        if data is None or self._discard or self.state != _STATE_OPEN:
+            return
+        self.dataReceived(data)
+        if self._held is None and not self._discard and self.state == _STATE_OPEN:
+            self.transport.resumeProducing()
 
     def onFrameBegin(self):
         """Every frame Autobahn reads (data, continuation, control) spends a token; messages are bounded."""
+        self._budget -= 1
         if self.peer_id is not None and not self._spend():
             if self._discard:
                 return
@@ -342,38 +390,67 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     def _spend(self) -> bool:
         """
         Spend a token of the rate limit for a frame; False if there was none.
-        ``flood_strikes`` frames in a row without one close the peer (1008).
+        Each frame without a token is a strike, each frame with one takes a
+        strike away: at ``flood_strikes`` the peer is closed (1008).  So a
+        burst past the limit, or a sender keeping above twice the rate, is
+        closed, and one near the rate is only answered ``rate-limited``.
         """
         if self._bucket.take():
-            self._strikes = 0
+            if self._strikes:
+                self._strikes -= 1
             return True
+        self._strike()
+        return False
+
+    def _strike(self) -> None:
+        """A frame found no token: count it, and close the peer once it has flooded."""
         self._strikes += 1
         if self._strikes >= self.factory.settings.flood_strikes:
             self._log.warn(
                 "peer {peer} ({ip}) closed for flooding: {strikes} frames over the rate limit",
                 peer=self.peer_id, ip=self.ip, strikes=self._strikes,
             )
-            self._fail(CLOSE_POLICY_VIOLATION, "message rate limit exceeded")
-        return False
+            self._fail(CLOSE_POLICY_VIOLATION, "message rate limit exceeded", logged=True)
 
     def _rate_limited(self) -> None:
         self._error("rate-limited", self.factory.rate_limited_text, None)
 
-    def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: int, reason: str, logged: bool = False) -> None:
         """
         Close with ``code`` and read nothing more: what this peer already
-        sent (the rest of its flood) is dropped unread, and the connection
-        ends once the close frame is out.
+        sent (the rest of its flood) is dropped unread.
         """
         if self._discard:
             return
         self._discard = True
         self.data = b""
-        self._log.info("closing {peer} ({ip}) with {code}: {reason}", peer=self.peer_id, ip=self.ip,
-                       code=code, reason=reason)
+        if not logged:
+            self._log.info("closing {peer} ({ip}) with {code}: {reason}", peer=self.peer_id, ip=self.ip,
+                           code=code, reason=reason)
         self.close(code, reason)
+        # Read nothing more, and end our side once the close frame is out;
+        # the close handshake then ends by its timeout (close_timeout).
+        # (Closing the socket at once, with the flood still unread in it,
+        # would reset it before the peer had read the close frame.)
         self.transport.pauseProducing()
-        self.transport.loseConnection()
+        half_close = getattr(self.transport, "loseWriteConnection", None)  # TCP has it, TLS not
+        if half_close is not None:
+            half_close()
+        self.leave_now(code)
+
+    def leave_now(self, code: int):
+        """
+        End this peer's session now, not when its socket is finally gone
+        (its partners get ``peer_left``, its id is free); fires when done.
+        """
+        peer_id = self.peer_id
+        if peer_id is None or not hasattr(self, "closed"):
+            return None  # not open, or gone already
+        self.peer_id = None  # so that its close removes nothing more
+        done = Deferred()
+        self.closed.addBoth(lambda result: (done.callback(None), result)[1])
+        self._enqueue(self.factory.leave, self, peer_id, False, code)
+        return done
 
     def _refuse(self, status: int, reason: str) -> None:
         """Refuse the opening handshake with an HTTP status, reading nothing more."""
@@ -534,7 +611,10 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             ref = safe(ref)
         budget = self._errors
         if budget is None:
-            budget = self._errors = LogBudget(self.factory.clock, self._errors_held)
+            peer = self.peer_id  # (still known when the held lines are reported after it left)
+            budget = self._errors = LogBudget(
+                self.factory.clock, lambda summary: self._errors_held(peer, summary), lines=3
+            )
         if budget.allow(code):
             self._log.info(
                 "error {code} to {peer}: {text} (ref {ref})",
@@ -548,10 +628,10 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         else:
             self.send(messages.encode(messages.error(code, text, ref)))
 
-    def _errors_held(self, summary: str) -> None:
+    def _errors_held(self, peer: str, summary: str) -> None:
         self._log.info(
             "errors to {peer} ({ip}) not logged in the last {interval}s: {summary}",
-            peer=self.peer_id, ip=self.ip, interval=self._errors.interval, summary=summary,
+            peer=peer, ip=self.ip, interval=self._errors.interval, summary=summary,
         )
 
     # -- operations, run in arrival order -----------------------------------
@@ -754,6 +834,8 @@ class SignalingFactory(WebSocketServerFactory):
         )
         self.rate_limited_frame = messages.encode(messages.error("rate-limited", self.rate_limited_text, None))
         self._refusals = LogBudget(clock, self._refusals_held, lines=10)
+        self.held = deque()  # connections with frames left for a later turn, in order
+        self._resuming = None
         self.corked = None  # peer -> frames held until the end of this reactor iteration
         self._batched_timer = ClockTimer(clock)
         self.setProtocolOptions(
@@ -799,6 +881,34 @@ class SignalingFactory(WebSocketServerFactory):
                 except Exception:  # one broken connection must not cost the others their frames
                     self._log.failure("writing to peer {peer} failed", peer=proto.peer_id)
                     proto.dropConnection(abort=True)
+
+    # -- fairness ------------------------------------------------------------
+
+    def hold(self, proto: SignalingServerProtocol) -> None:
+        """Queue a connection that has had its frames for this turn (see :meth:`resume_held`)."""
+        self.held.append(proto)
+        if self._resuming is None:
+            self._resuming = self.clock.callLater(0, self.resume_held)
+
+    def resume_held(self) -> None:
+        """
+        Once a reactor turn: give held connections their next batch of
+        frames, first held first served, for at most ``held_slice`` seconds;
+        the rest wait for the next turn, and a connection held again goes to
+        the back.  So whatever hundreds of busy connections sent, a frame
+        from a quiet one waits for at most about one slice, plus one batch
+        of each connection that became readable with it.
+        """
+        self._resuming = None
+        held = self.held
+        clock = self.clock
+        deadline = clock.seconds() + self.settings.held_slice
+        for _ in range(len(held)):
+            held.popleft()._resume()
+            if not held or clock.seconds() >= deadline:
+                break
+        if held and self._resuming is None:
+            self._resuming = clock.callLater(0, self.resume_held)
 
     # -- admission ----------------------------------------------------------
 
@@ -881,11 +991,7 @@ class SignalingFactory(WebSocketServerFactory):
         self._log.info("peer {peer} replaced by a newer connection with its token", peer=peer_id)
         older.close(CLOSE_REPLACED, "replaced by a newer connection with the same id")
         older.transport.loseConnection()
-        older.peer_id = None  # its close must not remove the newer one: it leaves now
-        done = Deferred()
-        older.closed.addBoth(lambda result: (done.callback(None), result)[1])
-        older._enqueue(self.leave, older, peer_id, False, CLOSE_REPLACED)
-        return done
+        return older.leave_now(CLOSE_REPLACED)
 
     # -- membership ---------------------------------------------------------
 

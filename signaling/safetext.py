@@ -45,25 +45,56 @@ def safe(value, limit: int = MAX_CHARS) -> Optional[str]:
     return text
 
 
+def _safe_fields(kwargs: dict) -> dict:
+    for key, value in kwargs.items():
+        if isinstance(value, (str, bytes)):
+            kwargs[key] = safe(value)
+    return kwargs
+
+
+def _level(name):
+    def log(self, *args, **kwargs):
+        method = getattr(self._inner, name)
+        if method is self._off:
+            return None  # a level that is off: nothing to make safe
+        return method(*args, **_safe_fields(kwargs))
+
+    log.__name__ = name
+    return log
+
+
 class SafeLogger:
     """
     Another library's logger (Autobahn's, a txaio ``Logger``) whose every
     text field passes through :func:`safe` before it is logged: its lines
-    may quote what a client sent.  Levels that are off stay free.
+    may quote what a client sent.  Levels that are off stay nearly free.
+
+    :param off: what the logger's methods are for a level that is off
+        (txaio's shared no-op), if it has such a thing.
     """
 
-    def __init__(self, inner):
+    __slots__ = ("_inner", "_off")
+
+    def __init__(self, inner, off=None):
         self._inner = inner
+        self._off = off
+
+    critical = _level("critical")
+    error = _level("error")
+    warn = _level("warn")
+    info = _level("info")
+    debug = _level("debug")
+    trace = _level("trace")
+    failure = _level("failure")
 
     def __getattr__(self, name):
-        method = getattr(self._inner, name)
-        if not callable(method) or getattr(method, "__name__", "") == "_no_op":
-            return method  # a level that is off: nothing to make safe
+        return getattr(self._inner, name)
 
-        def call(*args, **kwargs):
-            for key, value in kwargs.items():
-                if isinstance(value, (str, bytes)):
-                    kwargs[key] = safe(value)
-            return method(*args, **kwargs)
 
-        return call
+def txaio_off():
+    """txaio's no-op, which a txaio Logger's methods are for levels that are off."""
+    import txaio
+
+    probe = txaio.make_logger()
+    probe.set_log_level("none")
+    return probe.debug

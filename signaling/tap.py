@@ -107,7 +107,8 @@ class Options(usage.Options):
         ["burst", None, _DEFAULTS.burst,
          "Messages a peer may send at once above the rate.", _positive(int, "burst")],
         ["flood-strikes", None, _DEFAULTS.flood_strikes,
-         "Consecutive rate-limited messages after which a peer is closed with 1008.",
+         "Rate-limited frames (less one for each frame let through since) at which a peer is "
+         "closed with 1008.",
          _positive(int, "flood-strikes")],
         ["drain-timeout", None, _DEFAULTS.drain_timeout,
          "Seconds to wait for WebSockets to close on shutdown.", _non_negative(float, "drain-timeout")],

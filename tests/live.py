@@ -35,8 +35,9 @@ class ServerProcess:
     """One server process; ``http`` and ``ws`` are its base URLs once started."""
 
     def __init__(self, *args, command="twistd", json_logs=False,
-                 http="tcp:0:interface=127.0.0.1", ws="tcp:0:interface=127.0.0.1"):
+                 http="tcp:0:interface=127.0.0.1", ws="tcp:0:interface=127.0.0.1", max_files=None):
         self.args = list(args)
+        self.max_files = max_files  # RLIMIT_NOFILE of the server process (soft and hard)
         self.listen = [f"--http={http}", f"--ws={ws}"]
         self.command = command
         self.json_logs = json_logs
@@ -64,6 +65,8 @@ class ServerProcess:
             env=env,
             text=True,
             encoding="utf-8",
+            errors="backslashreplace",  # an unescaped byte in the log must show, not break the reader
+            preexec_fn=self._limits if self.max_files else None,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -87,6 +90,19 @@ class ServerProcess:
         self.ws = f"ws://127.0.0.1:{self.ports['ws']}/"
         self.ws_on_http = f"ws://127.0.0.1:{self.ports['http']}/ws"
         return self
+
+    def _limits(self):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_files, self.max_files))
+
+    def rss_kib(self):
+        """The server process's resident memory."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
 
     def _read(self):
         for line in self.proc.stdout:

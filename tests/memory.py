@@ -96,7 +96,8 @@ class Harness:
     def flush(self):
         """
         Move bytes both ways until nothing is left to move (ending the
-        reactor iteration each round, which writes the frames it held).
+        reactor iteration each round, which writes the frames it held and
+        handles what connections had to leave for the next one).
         """
         moved = True
         while moved:
@@ -104,6 +105,8 @@ class Harness:
             moved = False
             for pump in self.pumps:
                 moved = pump.pump() or moved
+            # what was left for the next reactor turn (frames past a connection's budget)
+            moved = moved or any(call.getTime() <= self.clock.seconds() for call in self.clock.getDelayedCalls())
 
     def send(self, client, obj):
         client.send_json(obj)

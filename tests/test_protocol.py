@@ -128,13 +128,16 @@ def test_rate_limit_then_flood_close():
     h.clock.advance(1)
     h.send(a, {"type": "ping", "to": b.peer_id})
     assert a.take() == [] and len(b.take()) == 1
+    a_id = a.peer_id
     for _ in range(5):
         a.sendMessage(b"{}")
     h.flush()
     assert [m["code"] for m in a.take()] == ["rate-limited"] * 4
-    assert a.closed_with[1] == 1008
-    assert a.peer_id not in h.registry
-    assert b.closed_with is None
+    assert a.remoteCloseCode == 1008  # the close frame, at once
+    assert a_id not in h.registry  # and its session ended with it
+    h.clock.advance(h.factory.settings.close_timeout)  # its socket, unread, ends by the close timeout
+    h.flush()
+    assert a.closed_with is not None and b.closed_with is None
 
 
 def test_oversized_message_closes_1009():
@@ -147,7 +150,7 @@ def test_oversized_message_closes_1009():
     h.send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": sdp}})
     assert b.take()[0]["data"]["sdp"] == sdp
     h.send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": sdp + sdp}})
-    assert a.closed_with[1] == 1009
+    assert a.remoteCloseCode == 1009
     assert b.take() == [{"type": "disconnect", "from": a_id, "data": {"reason": "peer_left"}}]
     assert a_id not in h.registry
 
