@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from signaling.admission import origin_allowed
+from signaling.httpguard import GuardedChannel
 from signaling.registry import IClusterRegistry
 
 #: /api/health's status for each state of a cluster registry
@@ -71,9 +72,8 @@ class WebSocketTakeover(WebSocketResource):
         channel = request.channel
         result = super().render(request)
         if result == NOT_DONE_YET:
-            release = getattr(getattr(channel, "site", None), "release", None)
-            if release is not None:  # a GuardedSite's count: the connection is a WebSocket's now
-                release(channel)
+            if isinstance(channel, GuardedChannel):  # counted as HTTP: the connection is a WebSocket's now
+                channel.site.release(channel)
             requests = getattr(channel, "requests", None)  # an HTTP/1.x channel's queue
             if requests is not None and request in requests:
                 requests.remove(request)

@@ -233,6 +233,13 @@ FRAME_CASES = [
     ("declared length over the limit", [frame(1, b"", length=10 * 2**20)], {1009}),
     ("fragments over the limit", [frame(1, b"x" * 60000, fin=False)] + [frame(0, b"x" * 60000, fin=False)] * 5,
      {1009}),
+    # floods below the message layer (the fuzz server runs without a rate limit:
+    # the fragment cap and the size cap must stop them)
+    ("one-byte fragments of an unfinished message", [frame(1, b"[", fin=False)] + [frame(0, b" ", fin=False)] * 5000,
+     {1009}),
+    ("empty continuation frames", [frame(1, b"", fin=False)] + [frame(0, b"", fin=False)] * 5000, {1009}),
+    ("empty fragments ending a message late", [frame(1, b"", fin=False)] + [frame(0, b"", fin=False)] * 500
+     + [frame(0, b"{}")], {1009}),
     # a malformed close frame ends the connection: with a close frame, or by dropping TCP
     ("close with bad code", [frame(8, struct.pack("!H", 999))], {1002, None}),
     ("close with bad UTF-8 reason", [frame(8, struct.pack("!H", 1000) + b"\xff")], {1007, 1002, None}),

@@ -148,3 +148,26 @@ def test_refusals_are_logged_within_a_budget():
     lines = [formatEvent(e) for e in events]
     assert len(lines) == 6, lines
     assert lines[-1] == "HTTP: refusals not logged in the last 10.0s: 495 429"
+
+
+def test_websocket_upgrade_moves_the_connection_to_the_websocket_counts():
+    """A WebSocket at /ws stops counting as an HTTP connection once it has taken the connection over."""
+    from memory import Harness
+
+    from signaling.registry import Registry
+    from signaling.web import SignalingWeb, WebSocketTakeover
+
+    h = Harness()
+    web = SignalingWeb(Registry(h.clock), WebSocketTakeover(h.factory))
+    s = GuardedSite(web.resource(), h.clock, max_per_address=1)
+    channel, transport = connect(s)
+    transport.protocol = channel  # as a socket's transport has (the takeover replaces it)
+    channel.dataReceived(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    h.flush()
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    assert s.counts.total == 0 and h.factory.admitted == 1
+    _, another = connect(s)  # the address's one HTTP slot is free again
+    assert not another.disconnecting

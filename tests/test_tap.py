@@ -182,3 +182,68 @@ def test_reuse_port_endpoint_parsing():
         ReusePortEndpoint(None, "tcp:8080:reuseAddress=1")
     with pytest.raises(usage.UsageError, match="--reuse-port works with tcp"):
         parse("--reuse-port", "--ws=ssl:8443:privateKey=k.pem")
+
+
+def test_hardening_options():
+    """The hardening options reach the WebSocket settings and the HTTP site."""
+    o = parse(
+        "--max-request-head=8192", "--max-fragments=16", "--ipv6-prefix=56", "--token-max-lifetime=600",
+        "--max-http-connections=300", "--max-http-connections-per-ip=7", "--stats-origin=https://dash.example/",
+        "--handshake-timeout=4",
+    )
+    s = o.settings()
+    assert (s.max_handshake, s.max_fragments, s.ipv6_prefix, s.token_max_lifetime) == (8192, 16, 56, 600.0)
+    reactor = MemoryReactorClock()
+    service = makeService(o, reactor)
+    service.startService()
+    site = next(f for _, f, _, _ in reactor.tcpServers if isinstance(f, Site))
+    assert (site.counts.max_total, site.counts.max_per_key) == (300, 7)
+    assert (site.max_head, site.head_timeout, site.ipv6_prefix) == (8192, 4.0, 56)
+    assert o["stats-origins"] == ["https://dash.example"]
+    service.stopService()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--ipv6-prefix=0"], "--ipv6-prefix must be 1 to 128"),
+        (["--ipv6-prefix=129"], "--ipv6-prefix must be 1 to 128"),
+        (["--max-fragments=0"], "--max-fragments must be positive"),
+        (["--max-http-connections=-1"], "--max-http-connections must be positive"),
+        (["--token-max-lifetime=0"], "--token-max-lifetime must be positive"),
+    ],
+)
+def test_bad_hardening_options(argv, needle):
+    """Bad hardening options are usage errors naming the option."""
+    with pytest.raises(usage.UsageError) as e:
+        parse(*argv)
+    assert needle in str(e.value)
+
+
+def test_caps_are_fitted_to_the_descriptor_limit(monkeypatch):
+    """
+    The soft descriptor limit is raised as far as the hard one allows; if
+    the caps still do not fit, the HTTP cap gets at most a quarter, the
+    WebSocket cap the rest, and a warning names the numbers.
+    """
+    import resource
+
+    from twisted.logger import capturedLogs, formatEvent
+
+    from signaling.tap import fit_fd_limit
+
+    limits = {"now": (512, 1000)}
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: limits.update(now=value))
+    o = parse()
+    with capturedLogs() as events:
+        fit_fd_limit(o)
+    assert limits["now"] == (1000, 1000)
+    assert (o["max-connections"], o["max-http-connections"]) == (702, 234)  # 1000 - 64 kept for the rest
+    [event] = events
+    assert "file descriptor limit (1000)" in formatEvent(event) and "using 702 and 234" in formatEvent(event)
+    limits["now"] = (100, 100_000)
+    o = parse()
+    fit_fd_limit(o)
+    assert limits["now"] == (20000 + 1024 + 64, 100_000)
+    assert (o["max-connections"], o["max-http-connections"]) == (20000, 1024)

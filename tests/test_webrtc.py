@@ -183,3 +183,50 @@ def test_client_module_served(server):
     assert status == 200
     assert headers["Content-Type"] == "text/javascript; charset=utf-8"
     assert b"export class SignalingClient" in body
+
+
+def test_test_page_with_a_foreign_server_address(server):
+    """
+    Opened with ?ws= naming another host, the test page does not connect by
+    itself and says why; once the user presses Connect, a call through that
+    server is answered only after the user confirms it.  No page breaks its
+    Content-Security-Policy.
+    """
+
+    async def go():
+        async with Browser() as b:
+            own = await b.page(server.http + "/test.html")
+            foreign_url = f"ws://localhost:{server.ports['ws']}/"  # another host name for the page
+            page = await b.browser.new_page()
+            console = []
+            page.on("console", lambda m: console.append(m.text))
+            own.on("console", lambda m: console.append(m.text))
+            dialogs = []
+
+            async def answer(dialog):
+                dialogs.append(dialog.message)
+                await dialog.accept()
+
+            page.on("dialog", lambda d: asyncio.ensure_future(answer(d)))
+            await page.goto(server.http + "/test.html?ws=" + foreign_url)
+            await page.wait_for_selector("#foreign", state="visible", timeout=WAIT_MS)
+            assert foreign_url in await page.text_content("#foreign")
+            assert await page.text_content("#status") == "closed"
+            assert await page.input_value("#url") == foreign_url
+            await page.wait_for_selector("#log >> text=not connecting by itself", timeout=WAIT_MS)
+            assert len(server.users()) == 1  # only the own page
+
+            await page.click("#connect")
+            await page.wait_for_function(
+                "document.getElementById('myId').textContent.length === 36", timeout=WAIT_MS
+            )
+            callee = await page.text_content("#myId")
+            await own.fill("#peer", callee)
+            await own.click("#call")
+            for p in (own, page):
+                await wait_text(p, "#channelState", "open")
+            assert dialogs == [f"Answer a call from {own.peer_id} through {foreign_url}?"]
+            assert not [m for m in console if "Content Security Policy" in m], console
+            assert b.errors == []
+
+    run(go(), timeout=180)
