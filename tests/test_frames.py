@@ -214,3 +214,18 @@ def test_forwarded_address_is_normalized_before_counting(header):
     ip = h.registry.get(a.peer_id).ip
     assert ip in ("fe80::1", "198.51.100.7")
     assert refusal(h, headers={"X-Forwarded-For": ip}) == 429
+
+
+def test_trickled_handshake_is_closed_at_the_deadline():
+    """Handshake bytes trickled one a second do not extend --handshake-timeout; the connection is dropped at it."""
+    h = Harness(handshake_timeout=10)
+    proto, transport = opening(h, IPv4Address("TCP", "127.0.0.1", 5000))
+    proto.dataReceived(b"GET / HTTP/1.1\r\n")
+    for _ in range(9):
+        h.clock.advance(1)
+        proto.dataReceived(b"X")
+        assert not transport.disconnecting
+    h.clock.advance(1)
+    assert transport.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert h.factory.admitted == 0
