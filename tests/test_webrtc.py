@@ -50,7 +50,7 @@ class Browser:
         page.on("pageerror", lambda e: self.errors.append(str(e)))
         await page.goto(url)
         await page.wait_for_function(
-            "document.getElementById('myId').textContent.length === 36", timeout=WAIT_MS
+            "() => document.getElementById('myId').textContent.length === 36", timeout=WAIT_MS
         )
         page.peer_id = await page.text_content("#myId")
         return page
@@ -218,7 +218,7 @@ def test_test_page_with_a_foreign_server_address(server):
 
             await page.click("#connect")
             await page.wait_for_function(
-                "document.getElementById('myId').textContent.length === 36", timeout=WAIT_MS
+                "() => document.getElementById('myId').textContent.length === 36", timeout=WAIT_MS
             )
             callee = await page.text_content("#myId")
             await own.fill("#peer", callee)
