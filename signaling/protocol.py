@@ -249,18 +249,24 @@ class SignalingServerProtocol(WebSocketServerProtocol):
                     self._hold(data)
                     return
         elif state == _STATE_CONNECTING and len(self.data) + len(data) > self.factory.settings.max_handshake:
-            self._handshake_too_big(self.data + data)
-            return
+            if self._handshake_too_big(self.data + data):
+                return
         WebSocketServerProtocol.dataReceived(self, data)
 
-    def _handshake_too_big(self, head: bytes) -> None:
+    def _handshake_too_big(self, head: bytes) -> bool:
+        """
+        Refuse (414, or 431) and return True if the handshake does not end
+        within ``max_handshake`` bytes (what follows a complete one is the
+        peer's first frames, and fine).
+        """
         limit = self.factory.settings.max_handshake
         if head.find(b"\r\n\r\n", 0, limit + 4) >= 0:
-            return WebSocketServerProtocol.dataReceived(self, head[len(self.data):])
+            return False
         if head.find(b"\r\n", 0, limit) < 0:
             self._refuse(414, "request line too long")
         else:
             self._refuse(431, "request headers too large")
+        return True
 
     def _fast_frames(self, data: bytes) -> bytes:
         """

@@ -103,9 +103,10 @@ class Options(usage.Options):
          "Most frames one message may arrive in; more close the socket with 1009.",
          _positive(int, "max-fragments")],
         ["rate", None, _DEFAULTS.rate,
-         "Messages per second each peer may send on average.", _non_negative(float, "rate")],
+         "Frames per second each peer may send on average (messages, and continuation and "
+         "control frames).", _non_negative(float, "rate")],
         ["burst", None, _DEFAULTS.burst,
-         "Messages a peer may send at once above the rate.", _positive(int, "burst")],
+         "Frames a peer may send at once above the rate.", _positive(int, "burst")],
         ["flood-strikes", None, _DEFAULTS.flood_strikes,
          "Rate-limited frames (less one for each frame let through since) at which a peer is "
          "closed with 1008.",
