@@ -11,6 +11,7 @@ drain bound, log a final summary) is :class:`SignalingService`'s
 import ipaddress
 import re
 import socket
+import sys
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -70,7 +71,9 @@ def _non_negative(kind, name):
     return _number(kind, name, allow_zero=True)
 
 
-class Options(usage.Options):
+class SignalingOptions(usage.Options):
+    """The options; bad ones raise ``usage.UsageError`` (see :class:`Options`)."""
+
     synopsis = "[options]"
     longdesc = (
         "A WebRTC signaling server: browser peers connect over WebSocket, pair "
@@ -260,6 +263,24 @@ class Options(usage.Options):
         )
 
 
+class Options(SignalingOptions):
+    """
+    The options as ``twistd``/``twist`` parse them: a bad option ends the
+    process with status 2 and one line naming it.  (``twistd`` before
+    Twisted 26.10 printed the usage and exited with status 0, which a
+    service manager reads as a clean start and stop.)
+    """
+
+    def parseOptions(self, options=None):
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            # (our coercers' messages name the option; Twisted prefixes them)
+            why = str(e).replace("Parameter type enforcement failed: ", "", 1)
+            sys.stderr.write(f"signaling: {why}\n")
+            raise SystemExit(2) from None
+
+
 _BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
 
 
@@ -424,11 +445,11 @@ def log_summary(registry):
     d.addCallbacks(log, lambda f: _summary_log.warn("summary unavailable: {e}", e=f.getErrorMessage()))
 
 
-def make_factory(options: Options, registry, reactor) -> SignalingFactory:
+def make_factory(options: SignalingOptions, registry, reactor) -> SignalingFactory:
     return SignalingFactory(registry, options.settings(), reactor)
 
 
-def make_site(options: Options, registry, factory, reactor) -> GuardedSite:
+def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedSite:
     web = SignalingWeb(
         registry,
         WebSocketTakeover(factory),
@@ -451,7 +472,7 @@ def make_site(options: Options, registry, factory, reactor) -> GuardedSite:
 FD_RESERVE = 64
 
 
-def fit_fd_limit(options: Options) -> None:
+def fit_fd_limit(options: SignalingOptions) -> None:
     """
     Make the connection caps fit the process's file descriptor limit, so
     that running out of descriptors (which stops every accept, health
@@ -490,7 +511,7 @@ def fit_fd_limit(options: Options) -> None:
     options["max-connections"], options["max-http-connections"] = ws, http
 
 
-def make_registry(options: Options, reactor):
+def make_registry(options: SignalingOptions, reactor):
     """The in-memory registry, or the Redis one (also a service) with --redis."""
     if options["redis"] is None:
         return Registry(reactor), None
@@ -503,7 +524,7 @@ def make_registry(options: Options, reactor):
     return registry, registry
 
 
-def makeService(options: Options, reactor=None) -> SignalingService:
+def makeService(options: SignalingOptions, reactor=None) -> SignalingService:
     if reactor is None:
         from twisted.internet import reactor
     fit_fd_limit(options)

@@ -6,11 +6,11 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from signaling.protocol import SignalingFactory
-from signaling.tap import Options, makeService, with_backlog
+from signaling.tap import Options, SignalingOptions, makeService, with_backlog
 
 
 def parse(*argv):
-    options = Options()
+    options = SignalingOptions()
     options.parseOptions(list(argv))
     return options
 
@@ -247,3 +247,11 @@ def test_caps_are_fitted_to_the_descriptor_limit(monkeypatch):
     fit_fd_limit(o)
     assert limits["now"] == (20000 + 1024 + 64, 100_000)
     assert (o["max-connections"], o["max-http-connections"]) == (20000, 1024)
+
+
+def test_twistd_options_exit_with_status_2(capsys):
+    """The options twistd parses end a bad command line with status 2 and one line naming the option."""
+    with pytest.raises(SystemExit) as e:
+        Options().parseOptions(["--max-fragments=0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "signaling: --max-fragments must be positive, got '0'\n"
