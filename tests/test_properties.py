@@ -1,11 +1,17 @@
-"""Tier 1: properties of the registry under random sequences of operations (Hypothesis)."""
+"""
+Tiers 1 and 2: properties of the registry under random sequences of
+operations (Hypothesis), and the in-memory registry and the Redis one's
+rules driven side by side by the same sequences, answering alike.
+"""
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule, run_state_machine_as_test
+from redis_server import redis_rules
 from twisted.internet.task import Clock
 
-from signaling.registry import CONNECTED, CONNECTING, IDLE, Registry, SignalingError
+from signaling.errors import PeerIdTaken, SignalingError
+from signaling.registry import CONNECTED, CONNECTING, IDLE, Registry
 
 
 class RegistryMachine(RuleBasedStateMachine):
@@ -106,3 +112,113 @@ class RegistryMachine(RuleBasedStateMachine):
 
 RegistryMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 test_registry_properties = RegistryMachine.TestCase
+
+
+# -- differential: both registries, the same operations, the same answers ------------------
+
+
+def answer(registry, operation, *args):
+    """What an operation answers: ("ok", result) or ("refused", exception class, message)."""
+    try:
+        result = getattr(registry, operation)(*args)
+    except SignalingError as e:
+        return ("refused", type(e), e.message)
+    except PeerIdTaken:
+        return ("taken",)
+    if operation == "add":  # a Peer
+        return ("ok", (result.id, result.ip, result.connected_at, result.state, result.target))
+    return ("ok", result)
+
+
+def snapshot(registry):
+    return sorted((p.id, p.state, p.target, p.ip, p.connected_at) for p in registry.peers())
+
+
+NAMES = st.sampled_from(["p0", "p1", "p2", "p3", "nobody"])
+
+
+class BothRegistries(RuleBasedStateMachine):
+    """
+    Every step is applied to the in-memory registry and to the Redis one's
+    rules, and must get the same answer from both (the same transitions in
+    the same order, or the same refusal in the same words), leaving the same
+    peers.  Besides random operations, some steps pick what the state makes
+    interesting (the ponger a waiting peer waits for), so that deep states
+    are reached often.
+    """
+
+    server = None  # the redis-server, set by the test
+
+    def __init__(self):
+        super().__init__()
+        self.clock = Clock()
+        self.memory = Registry(self.clock)
+        self.rules = redis_rules(self.server, self.clock)
+        self.rules.client.flushdb()
+        self.names = ["p0", "p1", "p2", "p3", "nobody"]
+        for peer in self.names[:3]:
+            self.step("add", peer, "10.0.0.1")
+
+    def step(self, operation, *args):
+        self.clock.advance(1)
+        expected = answer(self.memory, operation, *args)
+        assert answer(self.rules, operation, *args) == expected, (operation, args)
+        assert snapshot(self.rules) == snapshot(self.memory), (operation, args)
+
+    def teardown(self):
+        self.rules.client.close()
+
+    @rule(a=NAMES, b=NAMES)
+    def ping(self, a, b):
+        self.step("ping", a, b)
+
+    @rule(a=NAMES, b=NAMES)
+    def pong(self, a, b):
+        self.step("pong", a, b)
+
+    @rule(a=NAMES, b=NAMES)
+    def relay(self, a, b):
+        self.step("check_paired", a, b)
+
+    @rule(a=NAMES, b=NAMES)
+    def disconnect(self, a, b):
+        self.step("disconnect", a, b)
+
+    @rule(data=st.data())
+    def pong_a_waiting_peer(self, data):
+        waiting = [p for p in self.memory.peers() if p.state == CONNECTING]
+        if waiting:
+            p = data.draw(st.sampled_from(waiting))
+            self.step("pong", p.target, p.id)
+
+    @rule(data=st.data(), b=NAMES)
+    def a_waited_for_peer_pings_another(self, data, b):
+        waited_for = sorted({p.target for p in self.memory.peers() if p.state == CONNECTING})
+        if waited_for:
+            self.step("ping", data.draw(st.sampled_from(waited_for)), b)
+
+    @rule(data=st.data())
+    def disconnect_a_partner(self, data):
+        pointing = [p for p in self.memory.peers() if p.target is not None]
+        if pointing:
+            p = data.draw(st.sampled_from(pointing))
+            self.step("disconnect", *data.draw(st.permutations([p.id, p.target])))
+
+    @rule(a=NAMES)
+    def leave(self, a):
+        self.step("remove", a)
+
+    @rule(a=NAMES)
+    def arrive(self, a):
+        self.step("add", a, "10.0.0.2")
+
+
+def test_both_registries_answer_alike(redis_server):
+    """The in-memory registry and the Redis one's rules answer every random sequence alike (BothRegistries)."""
+    BothRegistries.server = redis_server
+    try:
+        run_state_machine_as_test(
+            BothRegistries, settings=settings(max_examples=300, stateful_step_count=30, deadline=None)
+        )
+    finally:
+        BothRegistries.server = None

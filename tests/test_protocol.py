@@ -9,7 +9,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from signaling.redis_registry import Unavailable
+from signaling.errors import Unavailable
 from signaling.registry import IClusterRegistry, SignalingError
 
 

@@ -16,13 +16,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from signaling.redis_registry import RedisRegistry
-from signaling.registry import IClusterRegistry
+from signaling.registry import IClusterRegistry, ILocalPeers
 
 PREFIX = "t:"
 
 
+@implementer(ILocalPeers)
 class Node:
     """One node's registry, on a fake clock, recording what it delivers to its local peers."""
 
@@ -34,10 +36,12 @@ class Node:
         self.delivered = []
         self._waiting = []
         self.peers = {}  # id -> (ip, at): this node's open connections
-        self.registry.deliver_local = self._deliver
-        self.registry.local_peers = lambda: [(i, ip, at) for i, (ip, at) in self.peers.items()]
+        self.registry.attach(self)
 
-    def _deliver(self, to, frame):
+    def local_peers(self):
+        return [(i, ip, at) for i, (ip, at) in self.peers.items()]
+
+    def deliver_local(self, to, frame):
         self.delivered.append((to, json.loads(frame)))
         waiting, self._waiting = self._waiting, []
         for d in waiting:

@@ -1,36 +1,49 @@
-"""Tier 1: the pairing rules of signaling.registry, pure, on a fake clock."""
+"""
+Tiers 1 and 2: one behaviour suite for the pairing rules, run against both
+registries: the in-memory one (pure, a fake clock) and the Redis one's rules
+(its Lua scripts and their replies, :class:`~signaling.redis_registry.RedisRules`)
+on a real redis-server, through a blocking client.
+"""
 
 import pytest
+from redis_server import RULES_PREFIX, redis_rules
 from twisted.internet.task import Clock
 
-from signaling.registry import (
-    CONNECTED,
-    CONNECTING,
-    IDLE,
-    InvalidState,
-    IRegistry,
-    PeerBusy,
-    PeerIdTaken,
-    PeerNotFound,
-    Registry,
-    Transition,
-)
+from signaling.errors import InvalidState, PeerBusy, PeerIdTaken, PeerNotFound
+from signaling.registry import CONNECTED, CONNECTING, IDLE, IRegistry, Registry, Transition
 
 
-@pytest.fixture
-def reg():
+@pytest.fixture(params=["memory", "redis"])
+def empty(request):
+    """An empty registry of each kind, on a fake clock at 2025-09-09T13:00:00Z."""
     clock = Clock()
-    clock.advance(1_757_422_800)  # 2025-09-09T13:00:00Z
-    r = Registry(clock)
+    clock.advance(1_757_422_800)
+    if request.param == "memory":
+        r = Registry(clock)
+    else:
+        server = request.getfixturevalue("redis_server")
+        r = redis_rules(server, clock)
+        r.client.flushdb()
+        request.addfinalizer(r.client.close)
     r.clock = clock
-    for name in "abcd":
-        r.add(name, "127.0.0.1")
-        clock.advance(1)
     return r
 
 
+@pytest.fixture
+def reg(empty):
+    """Users a, b, c and d, one second apart."""
+    for name in "abcd":
+        empty.add(name, "127.0.0.1")
+        empty.clock.advance(1)
+    return empty
+
+
+def get(reg, peer):
+    return {p.id: p for p in reg.peers()}.get(peer)
+
+
 def state(reg, peer):
-    p = reg.get(peer)
+    p = get(reg, peer)
     return (p.state, p.target)
 
 
@@ -40,17 +53,17 @@ def pair(reg, a, b):
 
 
 def test_provides_interface(reg):
-    """The in-memory registry provides IRegistry."""
+    """Both registries provide IRegistry."""
     assert IRegistry.providedBy(reg)
 
 
 def test_add_records_address_and_clock_time(reg):
     """A new user is idle, with the injected clock's time and its address."""
-    p = reg.get("a")
+    p = get(reg, "a")
     assert (p.state, p.target, p.ip) == (IDLE, None, "127.0.0.1")
     assert p.connected_at == 1_757_422_800
-    assert reg.get("b").connected_at == 1_757_422_801
-    assert len(reg) == 4
+    assert get(reg, "b").connected_at == 1_757_422_801
+    assert len(reg.peers()) == 4
 
 
 def test_duplicate_id_refused(reg):
@@ -245,7 +258,7 @@ def test_remove_resets_every_watcher(reg):
         Transition("b", CONNECTED, IDLE, None),
         Transition("c", CONNECTING, IDLE, None),
     ]
-    assert "a" not in reg
+    assert get(reg, "a") is None
     assert state(reg, "b") == (IDLE, None)
     assert state(reg, "d") == (CONNECTING, "b")
     assert reg.remove("a") == []
@@ -266,5 +279,8 @@ def test_peers_and_summary_empty_after_everyone_leaves(reg):
     for name in "abcd":
         reg.remove(name)
     assert reg.peers() == []
-    assert reg.summary()["users"] == 0
-    assert reg._pointing == {}
+    assert reg.summary() == {"users": 0, "idle": 0, "connecting": 0, "connected": 0, "pairs": 0}
+    if isinstance(reg, Registry):
+        assert reg._pointing == {}
+    else:  # nothing left behind in Redis but the node's liveness entry
+        assert reg.client.keys(RULES_PREFIX + "*") == [RULES_PREFIX + "nodes"]

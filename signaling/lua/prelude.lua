@@ -1,0 +1,67 @@
+-- Shared by every script (prepended to each when loaded): the prefix, the
+-- peers hash and its helpers.  Peers are JSON in one hash; '' stands for
+-- 'no target'.  A script that refuses returns {name}, a key of
+-- signaling.errors.REFUSALS; one that succeeds returns trans, which starts
+-- with '' and lists the transitions it made (peer, old, new, target).
+local P = ARGV[1]
+local PEERS = P .. 'peers'
+local trans = {''}
+local function get(id)
+  local v = redis.call('HGET', PEERS, id)
+  if v then return cjson.decode(v) end
+  return nil
+end
+local function put(id, p) redis.call('HSET', PEERS, id, cjson.encode(p)) end
+-- the Redis clock in ms: one clock for every node's heartbeats
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- record that a node is alive; 1 if it was not tracked until now
+local function beat(node) return redis.call('ZADD', P .. 'nodes', now_ms(), node) end
+local function set(id, p, state, target)
+  table.insert(trans, id); table.insert(trans, p.s)
+  table.insert(trans, state); table.insert(trans, target)
+  if p.t ~= target then
+    if p.t ~= '' then redis.call('SREM', P .. 'watch:' .. p.t, id) end
+    if target ~= '' then redis.call('SADD', P .. 'watch:' .. target, id) end
+  end
+  p.s = state; p.t = target
+  put(id, p)
+end
+local function pair(a_id, b_id)
+  local a = get(a_id)
+  if not a then return nil, nil, {'not-registered'} end
+  if a_id == b_id then return nil, nil, {'self'} end
+  local b = get(b_id)
+  if not b then return nil, nil, {'no-such-peer'} end
+  return a, b, nil
+end
+-- the offer/answer/ICE check: both registered, and the sender connected to the target
+local function paired(a_id, b_id)
+  local a, b, err = pair(a_id, b_id)
+  if err then return nil, nil, err end
+  if not (a.s == 'connected' and a.t == b_id) then
+    return nil, nil, {'not-paired'}
+  end
+  return a, b, nil
+end
+-- forget a peer; its watchers go idle; with notify, they are sent peer_left
+local function drop(id, notify)
+  local p = get(id)
+  if not p then return end
+  redis.call('HDEL', PEERS, id)
+  redis.call('SREM', P .. 'node:' .. p.n, id)
+  if p.t ~= '' then redis.call('SREM', P .. 'watch:' .. p.t, id) end
+  local left = cjson.encode({type = 'disconnect', from = id, data = {reason = 'peer_left'}})
+  local watchers = redis.call('SMEMBERS', P .. 'watch:' .. id)
+  table.sort(watchers)  -- in id order, as the in-memory registry reports them
+  for _, w in ipairs(watchers) do
+    local wp = get(w)
+    if wp then
+      set(w, wp, 'idle', '')
+      if notify then redis.call('PUBLISH', P .. 'to:' .. wp.n, w .. '\n' .. left) end
+    end
+  end
+  redis.call('DEL', P .. 'watch:' .. id)
+end

@@ -1,0 +1,3 @@
+-- ARGV: prefix, id
+drop(ARGV[2], false)
+return trans
