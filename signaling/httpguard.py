@@ -26,8 +26,9 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from signaling._compat import declared_body, head_size_so_far
+from signaling._tcp import unsent_bytes
 from signaling.admission import host_of, is_trusted_proxy
-from signaling.framing import unsent_bytes
 from signaling.limits import ConnectionCounts, LogBudget, address_key
 
 #: requests answered from one read of a connection (pipelined behind each other)
@@ -120,7 +121,7 @@ class GuardedChannel(HTTPChannel):
     def lineReceived(self, line):
         if self._refused:
             return
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        if head_size_so_far(self) + len(line) > self.totalHeadersSize:
             self._too_long()
             return
         self._head_lines += 1
@@ -138,7 +139,8 @@ class GuardedChannel(HTTPChannel):
     def allHeadersReceived(self):
         self._disarm()
         self._head_lines = 0
-        if self.length is None or self.length > MAX_BODY:  # chunked, or a declared body
+        body = declared_body(self)
+        if body is None or body > MAX_BODY:  # chunked, or a declared body
             self._refuse(413, "request bodies are not accepted")
             return
         super().allHeadersReceived()

@@ -22,50 +22,38 @@ then run one after another, in the order their frames arrived.
 from collections import deque
 from typing import Optional
 
-import attr
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from signaling import messages
+from signaling import _compat, messages
+from signaling._compat import ClockTimer
+from signaling._tcp import unsent_bytes, write
 from signaling.admission import bearer, client_address, host_of, is_trusted_proxy, origin_allowed
 from signaling.errors import BINARY_FRAME, NOT_DELIVERED, SERVER_FAULT, PeerIdTaken, SignalingError
-from signaling.framing import text_frame, unmask, unsent_bytes, write
+from signaling.fastpath import FastPath
+from signaling.frameguard import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG, FrameGuard, HeldConnections
+from signaling.framing import text_frame
 from signaling.limits import ConnectionCounts, LogBudget, TokenBucket, address_key
 from signaling.registry import IClusterRegistry, ILocalPeers
 from signaling.results import is_deferred, then
 from signaling.safetext import SafeLogger, safe, txaio_off
+from signaling.settings import Settings
 from signaling.tokens import TokenError, verify_token
+from signaling.writes import WriteBatch
+
+__all__ = ["SignalingServerProtocol", "SignalingFactory", "ClockTimer", "CLOSE_POLICY_VIOLATION", "CLOSE_TOO_BIG"]
 
 #: close code sent to every peer when the server shuts down
 CLOSE_GOING_AWAY = 1001
-#: close code for a peer that keeps sending over the rate limit
-CLOSE_POLICY_VIOLATION = 1008
-#: close code for a message over the size limits (bytes, or fragments)
-CLOSE_TOO_BIG = 1009
 #: close code for a peer that could not be registered (the cluster's state is unreachable)
 CLOSE_TRY_AGAIN_LATER = 1013
 #: close code for the holder of a fixed peer id when a newer connection with that id arrives
 CLOSE_REPLACED = 4409
-#: what a message's frame costs besides its payload, counted against the size limit
-FRAME_OVERHEAD = 64
 
-_STATE_OPEN = WebSocketProtocol.STATE_OPEN
-_STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
-
-# Autobahn protocol attributes used only while the opening handshake is
-# processed (checked against Autobahn's server code): dropped once open, to
-# keep idle connections small.
-_HANDSHAKE_ONLY = (
-    "http_request_data", "http_response_data", "http_headers", "http_status_line", "_wskey",
-    "http_request_params", "http_request_uri", "http_request_path", "http_request_host",
-    "websocket_protocols", "websocket_extensions", "flashSocketPolicy", "perMessageCompressionAccept",
-    "allowedOriginsPatterns", "allowedOrigins", "versions",
-)
 
 # which registry operation checks each message type
 _OPERATIONS = {
@@ -78,76 +66,7 @@ _OPERATIONS = {
 }
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class Settings:
-    """Tunables of the WebSocket side; ``signaling.tap.Options`` documents each."""
-
-    max_message_size: int = 256 * 1024
-    ping_interval: float = 20.0
-    ping_timeout: float = 10.0
-    handshake_timeout: float = 10.0
-    close_timeout: float = 2.0
-    rate: float = 50.0
-    burst: int = 100
-    #: rate-limited frames (net of those let through since) at which the peer is closed (1008)
-    flood_strikes: int = 100
-    drain_timeout: float = 5.0
-    #: open (or opening, from the first byte) WebSockets allowed in total, and per client address
-    max_connections: int = 20000
-    max_connections_per_ip: int = 1000
-    #: IPv6 clients are counted per network of this prefix length
-    ipv6_prefix: int = 64
-    #: bytes of an opening handshake (request line and headers)
-    max_handshake: int = 16384
-    #: frames (the first and its continuations) one message may arrive in
-    max_fragments: int = 64
-    #: frames of one connection handled per reactor turn; the rest wait for a later turn
-    frames_per_turn: int = 8
-    #: seconds per reactor turn spent on connections that had frames left over
-    held_slice: float = 0.005
-    #: bytes queued for a peer that does not read before it is dropped
-    max_outbound: int = 1024 * 1024
-    #: allowed Origin values (exact, or fnmatch patterns); empty: any
-    allowed_origins: tuple = ()
-    #: HMAC secret for access tokens; None: no token needed
-    token_secret: Optional[bytes] = attr.ib(default=None, repr=False)
-    #: the longest a token may still be valid for when presented, in seconds
-    token_max_lifetime: float = 86400.0
-    #: networks of reverse proxies whose X-Forwarded-For is believed
-    trusted_proxies: tuple = ()
-    #: log one line per relayed message (type, from, to, size)
-    log_relays: bool = True
-
-
-class ClockTimer:
-    """
-    Autobahn's timer interface (``call_later``) on our clock.
-
-    Autobahn's default, txaio's batched timer, runs on the global reactor and
-    rounds every deadline down to a whole second, so that a ping timeout
-    below a second fires at once and a 10 s one may fire after 9 s.  This one
-    is exact, and uses the injected clock (a fake one in tests).
-    """
-
-    def __init__(self, clock):
-        self._clock = clock
-
-    def call_later(self, delay, func, *args, **kwargs):
-        return _Call(self._clock.callLater(delay, func, *args, **kwargs))
-
-
-class _Call:
-    __slots__ = ("_call",)
-
-    def __init__(self, call):
-        self._call = call
-
-    def cancel(self):
-        if self._call.active():
-            self._call.cancel()
-
-
-class SignalingServerProtocol(WebSocketServerProtocol):
+class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):
     """One browser peer."""
 
     _log = Logger()  # Autobahn owns ``self.log``
@@ -161,30 +80,12 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     _fixed_id: Optional[str] = None
     _replaces = None  # the older connection holding our fixed id, which we take over
     _reserving = False  # holds the reservation of its fixed id (until it has joined or closed)
-    _discard = False  # failed: read nothing more, process nothing more
-    _dropping = False  # the message being received lost the rate limit: drop it at its end
-    _fragments = 0  # frames of the message being received
-    _cost = 0  # what the message being received counts against the size limit
     _errors = None  # LogBudget of this peer's error lines, made at its first error
-    _budget = 0  # frames this connection may still have handled in this reactor turn
-    _held = None  # what it sent past that budget, handled at the next turn (reading paused)
 
     def _connectionMade(self):
-        # Autobahn copies its options from the factory and then pretty-prints
-        # all of them for a debug log line on every connection, whether debug
-        # logging is on or not: a third of the time of a burst of connects.
-        # Copy them here and let Autobahn's loop (and the pformat) run empty.
-        factory = self.factory
-        for name in WebSocketServerProtocol.CONFIG_ATTRS:
-            if not hasattr(self, name):
-                setattr(self, name, getattr(factory, name))
-        self.CONFIG_ATTRS = ()
-        try:
-            WebSocketServerProtocol._connectionMade(self)
-        finally:
-            del self.CONFIG_ATTRS
+        _compat.connection_made_quietly(self, WebSocketServerProtocol)
         # Counted from the first byte, before the handshake is even read.
-        refused = factory.accept(self)
+        refused = self.factory.accept(self)
         if refused is not None:
             self._refuse(*refused)
 
@@ -225,10 +126,6 @@ class SignalingServerProtocol(WebSocketServerProtocol):
                 factory.reserved.add(fixed)
         return None
 
-    #: take small, complete, masked, unfragmented text frames without
-    #: Autobahn's general frame machinery (everything else goes through it)
-    fast_path = True
-
     def dataReceived(self, data):
         if self._discard:
             return
@@ -236,23 +133,18 @@ class SignalingServerProtocol(WebSocketServerProtocol):
             self._held += data
             return
         state = self.state
-        if state == _STATE_OPEN:
+        if state == _compat.STATE_OPEN:
             self._budget = self.factory.settings.frames_per_turn
-            if (
-                self.fast_path
-                and not self.data
-                and self.current_frame is None
-                and not self.inside_message
-                and self._perMessageCompress is None
-            ):
+            if self.fast_path and _compat.between_frames(self):
                 data = self._fast_frames(data)
                 if not data:
                     return
                 if self._budget <= 0:
                     self._hold(data)
                     return
-        elif state == _STATE_CONNECTING and len(self.data) + len(data) > self.factory.settings.max_handshake:
-            if self._handshake_too_big(self.data + data):
+        elif state == _compat.STATE_CONNECTING:
+            head = _compat.buffered(self)
+            if len(head) + len(data) > self.factory.settings.max_handshake and self._handshake_too_big(head + data):
                 return
         WebSocketServerProtocol.dataReceived(self, data)
 
@@ -270,196 +162,6 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         else:
             self._refuse(431, "request headers too large")
         return True
-
-    def _fast_frames(self, data: bytes) -> bytes:
-        """
-        Deliver the complete text frames at the start of ``data`` that are
-        FIN, unfragmented, masked, without RSV bits, with a 7- or 16-bit
-        length within the size limit, and valid UTF-8.  Return the bytes
-        from the first frame that is not (or is incomplete) on, for Autobahn,
-        which then handles them exactly as it would have.
-        """
-        if self.factory.corked is None:
-            self.factory.cork()
-        pos, end = 0, len(data)
-        limit = self.maxMessagePayloadSize
-        while end - pos >= 6 and data[pos] == 0x81 and self._budget > 0:
-            b1 = data[pos + 1]
-            if not b1 & 0x80:
-                break  # unmasked: a protocol error, Autobahn's to report
-            length = b1 & 0x7F
-            if length < 126:
-                start = pos + 6
-            elif length == 126:
-                if end - pos < 8:
-                    break
-                length = (data[pos + 2] << 8) | data[pos + 3]
-                if length < 126:
-                    break  # not the minimal encoding: a protocol error
-                start = pos + 8
-            else:
-                break  # 64-bit lengths
-            if (limit and length > limit) or start + length > end:
-                break
-            if self._bucket.take():
-                if self._strikes:
-                    self._strikes -= 1
-            else:  # over the rate limit: dropped unread (not even unmasked)
-                self._strike()
-                if self._discard:
-                    break
-                pos = start + length
-                self._budget -= 1
-                self._rate_limited()
-                continue
-            payload = unmask(data[start : start + length], data[start - 4 : start])
-            try:
-                payload.decode("utf-8")
-            except UnicodeDecodeError:
-                break  # Autobahn fails the connection with 1007
-            pos = start + length
-            self._budget -= 1
-            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-                self._cancelAutoPingTimeoutCall()
-            self._handle(payload, False)
-            if self.state != _STATE_OPEN:
-                break
-        if self._discard:
-            return b""
-        return data[pos:] if pos else data
-
-    # -- Autobahn's frame machinery (fragments, control frames, large frames) --
-
-    def processData(self):
-        if self._discard:
-            self.data = b""
-            return False
-        if self._budget <= 0 and self.current_frame is None and self.data and self.state == _STATE_OPEN:
-            data, self.data = self.data, b""
-            self._hold(data)
-            return False
-        return WebSocketServerProtocol.processData(self)
-
-    # -- fairness: a bounded number of frames per connection per reactor turn --
-
-    def _hold(self, data: bytes) -> None:
-        """
-        This connection has had its frames for this reactor turn: keep the
-        rest of what it sent, read nothing more from it, and wait in the
-        factory's queue of held connections (see SignalingFactory.resume_held)
-        while every other connection is served.
-        """
-        self._held = data
-        self.transport.pauseProducing()
-        self.factory.hold(self)
-
-    def _resume(self) -> None:
-        data, self._held = self._held, None
-        if data is None or self._discard or self.state != _STATE_OPEN:
-            return
-        self.dataReceived(data)
-        if self._held is None and not self._discard and self.state == _STATE_OPEN:
-            self.transport.resumeProducing()
-
-    def onFrameBegin(self):
-        """Every frame Autobahn reads (data, continuation, control) spends a token; messages are bounded."""
-        self._budget -= 1
-        if self.peer_id is not None and not self._spend():
-            if self._discard:
-                return
-            if self.current_frame.opcode < 8:
-                self._dropping = True
-        frame = self.current_frame
-        if frame.opcode < 8:  # a data frame: a message begins (1, 2) or goes on (0)
-            if frame.opcode:
-                self._fragments, self._cost = 0, 0
-            else:  # a continuation: it costs its overhead too (a single frame may hold the whole limit)
-                self._cost += FRAME_OVERHEAD
-            self._fragments += 1
-            self._cost += frame.length
-            settings = self.factory.settings
-            if self._fragments > settings.max_fragments:
-                return self._fail(CLOSE_TOO_BIG, f"message in more than {settings.max_fragments} fragments")
-            if self._cost > settings.max_message_size:
-                return self._fail(CLOSE_TOO_BIG, "message too big")
-        WebSocketServerProtocol.onFrameBegin(self)
-
-    def onMessage(self, payload, isBinary):
-        """A whole message from Autobahn's machinery (its frames have spent their tokens)."""
-        if self.peer_id is None or self._discard:
-            return
-        if self._dropping:
-            self._dropping = False
-            self._rate_limited()
-            return
-        self._handle(payload, isBinary)
-
-    # -- limits ----------------------------------------------------------------
-
-    def _spend(self) -> bool:
-        """
-        Spend a token of the rate limit for a frame; False if there was none.
-        Each frame without a token is a strike, each frame with one takes a
-        strike away: at ``flood_strikes`` the peer is closed (1008).  So a
-        burst past the limit, or a sender keeping above twice the rate, is
-        closed, and one near the rate is only answered ``rate-limited``.
-        """
-        if self._bucket.take():
-            if self._strikes:
-                self._strikes -= 1
-            return True
-        self._strike()
-        return False
-
-    def _strike(self) -> None:
-        """A frame found no token: count it, and close the peer once it has flooded."""
-        self._strikes += 1
-        if self._strikes >= self.factory.settings.flood_strikes:
-            self._log.warn(
-                "peer {peer} ({ip}) closed for flooding: {strikes} frames over the rate limit",
-                peer=self.peer_id, ip=self.ip, strikes=self._strikes,
-            )
-            self._fail(CLOSE_POLICY_VIOLATION, "message rate limit exceeded", logged=True)
-
-    def _rate_limited(self) -> None:
-        self._error("rate-limited", self.factory.rate_limited_text, None)
-
-    def _fail(self, code: int, reason: str, logged: bool = False) -> None:
-        """
-        Close with ``code`` and read nothing more: what this peer already
-        sent (the rest of its flood) is dropped unread.
-        """
-        if self._discard:
-            return
-        self._discard = True
-        self.data = b""
-        if not logged:
-            self._log.info("closing {peer} ({ip}) with {code}: {reason}", peer=self.peer_id, ip=self.ip,
-                           code=code, reason=reason)
-        self.close(code, reason)
-        # Read nothing more, and end our side once the close frame is out;
-        # the close handshake then ends by its timeout (close_timeout).
-        # (Closing the socket at once, with the flood still unread in it,
-        # would reset it before the peer had read the close frame.)
-        self.transport.pauseProducing()
-        half_close = getattr(self.transport, "loseWriteConnection", None)  # TCP has it, TLS not
-        if half_close is not None:
-            half_close()
-        self.leave_now(code)
-
-    def leave_now(self, code: int):
-        """
-        End this peer's session now, not when its socket is finally gone
-        (its partners get ``peer_left``, its id is free); fires when done.
-        """
-        peer_id = self.peer_id
-        if peer_id is None or not hasattr(self, "closed"):
-            return None  # not open, or gone already
-        self.peer_id = None  # so that its close removes nothing more
-        done = Deferred()
-        self.closed.addBoth(lambda result: (done.callback(None), result)[1])
-        self._enqueue(self.factory.leave, self, peer_id, False, code)
-        return done
 
     def _refuse(self, status: int, reason: str) -> None:
         """Refuse the opening handshake with an HTTP status, reading nothing more."""
@@ -489,23 +191,11 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         self._strikes = 0
         self._busy = False
         self._queue = None  # made when an operation has to wait
-        self._compact()
+        _compat.drop_handshake_state(self)
         if self._replaces is not None:
             older, self._replaces = self._replaces, None
             self._enqueue(factory.take_over, older)
         self._enqueue(self._join)
-
-    def _compact(self) -> None:
-        """Drop what only the handshake needed, and re-pack the attribute table."""
-        attrs = self.__dict__
-        for name in _HANDSHAKE_ONLY:
-            attrs.pop(name, None)
-        # Autobahn queues outgoing data only for sendMessage(sync=True) or a
-        # chopsize, which this server never uses: an empty tuple instead of
-        # an empty deque per connection (it would fail loudly, not share).
-        if not attrs.get("send_queue"):
-            attrs["send_queue"] = ()
-        self.__dict__ = dict(attrs)
 
     def _handle(self, payload, isBinary):
         """Parse one message that passed the rate limit, and queue its operation."""
@@ -522,11 +212,7 @@ class SignalingServerProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason=connectionDone):
         WebSocketServerProtocol.connectionLost(self, reason)
         self.factory.release(self)
-        # Autobahn resolves ``is_closed`` with the protocol itself: a
-        # reference cycle that would leave every closed connection (some 20
-        # objects) to Python's cyclic garbage collector instead of freeing
-        # it at once.  Nothing waits on it here.
-        self.is_closed = None
+        _compat.forget_closed_deferred(self)  # (nothing waits on it here)
 
     def onClose(self, wasClean, code, reason):
         if self._errors is not None:
@@ -537,6 +223,20 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         self.peer_id = None
         self._enqueue(self.factory.leave, self, peer_id, wasClean, code)
 
+    def leave_now(self, code: int):
+        """
+        End this peer's session now, not when its socket is finally gone
+        (its partners get ``peer_left``, its id is free); fires when done.
+        """
+        peer_id = self.peer_id
+        if peer_id is None or not hasattr(self, "closed"):
+            return None  # not open, or gone already
+        self.peer_id = None  # so that its close removes nothing more
+        done = Deferred()
+        self.closed.addBoth(lambda result: (done.callback(None), result)[1])
+        self._enqueue(self.factory.leave, self, peer_id, False, code)
+        return done
+
     # -- sending ------------------------------------------------------------
 
     def send(self, payload: bytes) -> bool:
@@ -545,38 +245,28 @@ class SignalingServerProtocol(WebSocketServerProtocol):
         sent.  A peer that lets more than ``max_outbound`` bytes pile up
         unread is dropped (and the frame counts as not sent).
         """
-        if self.state != _STATE_OPEN:
+        if self.state != _compat.STATE_OPEN:
             return False
-        if self.fast_path and self.send_state == WebSocketProtocol.SEND_STATE_GROUND:
+        if self.fast_path and _compat.sending_idle(self):
             frame = text_frame(payload)
-            corked = self.factory.corked
-            if corked is not None:  # held until this reactor iteration is done
-                frames = corked.get(self)
-                if frames is None:
-                    corked[self] = [frame]
-                else:
-                    frames.append(frame)
-                return True
+            if self.factory.writes.hold(self, frame):
+                return True  # written at the end of this reactor turn
             if write(self.transport, frame):
                 return True  # all taken by the socket: nothing waits
         else:
             self.sendMessage(payload, isBinary=False)
         return not self._over_outbound()
 
-    def _uncork(self, frames) -> None:
-        """Write the frames held for this peer (see SignalingFactory.uncork)."""
-        if not write(self.transport, frames[0] if len(frames) == 1 else b"".join(frames)):
+    def write_held(self, data: bytes) -> None:
+        """Write frames held for this peer by the factory's WriteBatch."""
+        if not write(self.transport, data):
             self._over_outbound()
 
     def sendData(self, data, sync=False, chopsize=None):
         # Everything Autobahn writes (close frames, pongs) comes through
         # here: frames held for this peer go first, so that the order on the
         # wire is the order of sending.
-        corked = self.factory.corked
-        if corked:
-            frames = corked.pop(self, None)
-            if frames:
-                self._uncork(frames)
+        self.factory.writes.release(self)
         WebSocketServerProtocol.sendData(self, data, sync, chopsize)
 
     def _over_outbound(self) -> bool:
@@ -820,10 +510,9 @@ class SignalingFactory(WebSocketServerFactory):
         )
         self.rate_limited_frame = messages.encode(messages.error("rate-limited", self.rate_limited_text, None))
         self._refusals = LogBudget(clock, self._refusals_held, lines=10)
-        self.held = deque()  # connections with frames left for a later turn, in order
-        self._resuming = None
-        self.corked = None  # peer -> frames held until the end of this reactor iteration
-        self._batched_timer = ClockTimer(clock)
+        self.held = HeldConnections(clock, settings.held_slice)  # connections with frames left for a later turn
+        self.writes = WriteBatch(clock)  # frames held until the end of a reactor turn
+        _compat.use_timer(self, ClockTimer(clock))
         self.setProtocolOptions(
             maxMessagePayloadSize=settings.max_message_size,
             maxFramePayloadSize=settings.max_message_size,
@@ -836,65 +525,6 @@ class SignalingFactory(WebSocketServerFactory):
             # 1007 bad UTF-8, 1002 protocol error), not a bare TCP drop
             failByDrop=False,
         )
-
-    # -- writing --------------------------------------------------------------
-
-    def cork(self) -> None:
-        """
-        Hold the frames sent from now on until the reactor has handled every
-        event of this iteration, then write them, one send() per peer (see
-        :meth:`uncork`).  The fast frame path corks on every read.
-        """
-        if self.corked is None:
-            self.corked = {}
-            # runs first thing in the next iteration, before the next poll
-            self.clock.callLater(0, self.uncork)
-
-    def uncork(self) -> None:
-        """
-        Write the held frames.  A relay costs little besides its system
-        calls, and send() on a socket is most of them: frames for the same
-        peer go in one call, and the calls come back to back, while their
-        readers are still awake.  Under light load an iteration holds a
-        frame or two and waits for nothing; under heavy load the batches
-        grow by themselves.
-        """
-        corked, self.corked = self.corked, None
-        if corked:
-            for proto, frames in corked.items():
-                try:
-                    proto._uncork(frames)
-                except Exception:  # one broken connection must not cost the others their frames
-                    self._log.failure("writing to peer {peer} failed", peer=proto.peer_id)
-                    proto.dropConnection(abort=True)
-
-    # -- fairness ------------------------------------------------------------
-
-    def hold(self, proto: SignalingServerProtocol) -> None:
-        """Queue a connection that has had its frames for this turn (see :meth:`resume_held`)."""
-        self.held.append(proto)
-        if self._resuming is None:
-            self._resuming = self.clock.callLater(0, self.resume_held)
-
-    def resume_held(self) -> None:
-        """
-        Once a reactor turn: give held connections their next batch of
-        frames, first held first served, for at most ``held_slice`` seconds;
-        the rest wait for the next turn, and a connection held again goes to
-        the back.  So whatever hundreds of busy connections sent, a frame
-        from a quiet one waits for at most about one slice, plus one batch
-        of each connection that became readable with it.
-        """
-        self._resuming = None
-        held = self.held
-        clock = self.clock
-        deadline = clock.seconds() + self.settings.held_slice
-        for _ in range(len(held)):
-            held.popleft()._resume()
-            if not held or clock.seconds() >= deadline:
-                break
-        if held and self._resuming is None:
-            self._resuming = clock.callLater(0, self.resume_held)
 
     # -- admission ----------------------------------------------------------
 

@@ -23,8 +23,9 @@ from twisted.python import usage
 from signaling import __version__
 from signaling.gcpolicy import GenerationalFreeze
 from signaling.httpguard import GuardedSite
-from signaling.protocol import Settings, SignalingFactory
+from signaling.protocol import SignalingFactory
 from signaling.registry import Registry
+from signaling.settings import Settings
 from signaling.tokens import read_secret
 from signaling.web import SignalingWeb, WebSocketTakeover
 

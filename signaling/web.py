@@ -22,6 +22,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from signaling._compat import untie_request
 from signaling.admission import origin_allowed
 from signaling.httpguard import GuardedChannel
 from signaling.registry import IClusterRegistry
@@ -74,10 +75,7 @@ class WebSocketTakeover(WebSocketResource):
         if result == NOT_DONE_YET:
             if isinstance(channel, GuardedChannel):  # counted as HTTP: the connection is a WebSocket's now
                 channel.site.release(channel)
-            requests = getattr(channel, "requests", None)  # an HTTP/1.x channel's queue
-            if requests is not None and request in requests:
-                requests.remove(request)
-            request.notifications = []  # nothing will ever fire them: the channel is gone
+            untie_request(request)
         return result
 
 

@@ -12,8 +12,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
-from signaling.protocol import ClockTimer, Settings, SignalingFactory
+from signaling._compat import ClockTimer
+from signaling.protocol import SignalingFactory
 from signaling.registry import Registry
+from signaling.settings import Settings
 
 
 class Client(WebSocketClientProtocol):

@@ -1,0 +1,209 @@
+"""
+Every use of a non-public name of Autobahn, and of Twisted's HTTP channel
+and request, in one place (socket-level ones: ``signaling._tcp``).
+
+Each function says what it relies on and why it is worth it.
+``tests/test_compat.py`` checks every assumption against the installed
+libraries and fails loudly if one stops holding, instead of letting a limit
+or an optimisation quietly stop working on an upgrade.
+
+Methods of Autobahn's protocol that ``signaling.protocol`` overrides, and
+that Autobahn calls from its own frame loop (also checked there):
+``_connectionMade`` (from ``connectionMade``), ``processData`` (each step of
+its frame parser), ``onFrameBegin`` (each frame header), ``failHandshake``
+(every refused handshake), ``sendData`` (every write).
+"""
+
+from autobahn.websocket.protocol import WebSocketProtocol
+
+STATE_OPEN = WebSocketProtocol.STATE_OPEN
+STATE_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+
+# -- Autobahn: connections --------------------------------------------------------------
+
+
+def connection_made_quietly(proto, base) -> None:
+    """
+    Run Autobahn's ``base._connectionMade(proto)`` without its debug
+    pretty-print of every option, which it formats for each connection
+    whether debug logging is on or not: a third of the time of a burst of
+    connects.  The options are copied from the factory here, and Autobahn's
+    copying loop (and the pformat after it) runs over nothing.
+
+    Relies on ``CONFIG_ATTRS`` (the option names Autobahn copies) and
+    ``_connectionMade``.  If they change: connects are slower, nothing else.
+    """
+    factory = proto.factory
+    for name in base.CONFIG_ATTRS:
+        if not hasattr(proto, name):
+            setattr(proto, name, getattr(factory, name))
+    proto.CONFIG_ATTRS = ()
+    try:
+        base._connectionMade(proto)
+    finally:
+        del proto.CONFIG_ATTRS
+
+
+class ClockTimer:
+    """
+    Autobahn's timer interface (``call_later``) on our clock.
+
+    Autobahn's default, txaio's batched timer, runs on the global reactor and
+    rounds every deadline down to a whole second, so that a ping timeout
+    below a second fires at once and a 10 s one may fire after 9 s.  This one
+    is exact, and uses the injected clock (a fake one in tests).
+    """
+
+    def __init__(self, clock):
+        self._clock = clock
+
+    def call_later(self, delay, func, *args, **kwargs):
+        return _Call(self._clock.callLater(delay, func, *args, **kwargs))
+
+
+class _Call:
+    __slots__ = ("_call",)
+
+    def __init__(self, call):
+        self._call = call
+
+    def cancel(self):
+        if self._call.active():
+            self._call.cancel()
+
+
+def use_timer(factory, timer) -> None:
+    """
+    Make Autobahn schedule its handshake, ping and close timeouts with
+    ``timer`` (``call_later``), on our clock: its default, txaio's batched
+    timer, runs on the global reactor and rounds every deadline down to a
+    whole second.  Relies on the factory's ``_batched_timer``.
+    """
+    factory._batched_timer = timer
+
+
+#: Autobahn protocol attributes used only while the opening handshake is
+#: processed (checked against Autobahn's server code): dropped once open, to
+#: keep idle connections small.
+HANDSHAKE_ONLY = (
+    "http_request_data", "http_response_data", "http_headers", "http_status_line", "_wskey",
+    "http_request_params", "http_request_uri", "http_request_path", "http_request_host",
+    "websocket_protocols", "websocket_extensions", "flashSocketPolicy", "perMessageCompressionAccept",
+    "allowedOriginsPatterns", "allowedOrigins", "versions",
+)
+
+
+def drop_handshake_state(proto) -> None:
+    """
+    Drop what only the handshake needed, and re-pack the attribute table
+    (6.3 KiB an idle connection instead of about 9).  Also: Autobahn queues
+    outgoing data (``send_queue``) only for ``sendMessage(sync=True)`` or a
+    chopsize, which this server never uses: an empty tuple instead of an
+    empty deque per connection (it would fail loudly, not share).
+    """
+    attrs = proto.__dict__
+    for name in HANDSHAKE_ONLY:
+        attrs.pop(name, None)
+    if not attrs.get("send_queue"):
+        attrs["send_queue"] = ()
+    proto.__dict__ = dict(attrs)
+
+
+def forget_closed_deferred(proto) -> None:
+    """
+    Autobahn resolves ``is_closed`` with the protocol itself: a reference
+    cycle that would leave every closed connection (some 20 objects) to
+    Python's cyclic garbage collector instead of freeing it at once.
+    """
+    proto.is_closed = None
+
+
+# -- Autobahn: the frame parser -----------------------------------------------------------
+
+
+def between_frames(proto) -> bool:
+    """
+    Whether Autobahn's frame parser is between messages with nothing
+    buffered, so that the next bytes may be taken by the fast path.
+    Relies on ``data`` (its receive buffer), ``current_frame``,
+    ``inside_message`` and ``_perMessageCompress``.
+    """
+    return (
+        not proto.data
+        and proto.current_frame is None
+        and not proto.inside_message
+        and proto._perMessageCompress is None
+    )
+
+
+def between_frames_with_data(proto) -> bool:
+    """Between two frames (not in one's payload), with bytes buffered for the next."""
+    return proto.current_frame is None and bool(proto.data)
+
+
+def buffered(proto) -> bytes:
+    """What Autobahn holds unparsed (its receive buffer, ``data``)."""
+    return proto.data
+
+
+def take_buffered(proto) -> bytes:
+    """Take what Autobahn holds unparsed, leaving its buffer empty."""
+    data, proto.data = proto.data, b""
+    return data
+
+
+def frame_header(proto):
+    """``(opcode, payload length)`` of the frame Autobahn is reading (``current_frame``)."""
+    frame = proto.current_frame
+    return frame.opcode, frame.length
+
+
+def traffic_seen(proto) -> None:
+    """
+    What Autobahn does for every frame it reads when ``autoPingRestartOnAnyTraffic``
+    is on (cancel the pending keepalive timeout), for frames the fast path
+    reads instead.  Relies on ``autoPingTimeoutCall`` and
+    ``_cancelAutoPingTimeoutCall``.
+    """
+    if proto.autoPingTimeoutCall and proto.autoPingRestartOnAnyTraffic:
+        proto._cancelAutoPingTimeoutCall()
+
+
+def sending_idle(proto) -> bool:
+    """Whether Autobahn is not in the middle of sending a message (``send_state``)."""
+    return proto.send_state == WebSocketProtocol.SEND_STATE_GROUND
+
+
+# -- Twisted web ---------------------------------------------------------------------------
+
+
+def head_size_so_far(channel) -> int:
+    """
+    Bytes of the current request head an ``HTTPChannel`` has taken so far
+    (``_receivedHeaderSize``, which it compares with ``totalHeadersSize``
+    itself, answering 400): to answer 431 instead, before it does.
+    """
+    return channel._receivedHeaderSize
+
+
+def declared_body(channel):
+    """
+    The body length the request whose headers just arrived declares: 0 for
+    none, an int, or None for chunked (``HTTPChannel.length``, set from the
+    headers before ``allHeadersReceived``).
+    """
+    return channel.length
+
+
+def untie_request(request) -> None:
+    """
+    A request whose connection a WebSocket has taken over is never
+    finished: remove it from its HTTP/1.x channel's queue (``requests``) and
+    drop its finish notifications, so that it, its channel and the
+    connection are freed by reference counting instead of waiting in a
+    cycle for the collector.
+    """
+    requests = getattr(request.channel, "requests", None)  # (an HTTP/1.x channel's queue)
+    if requests is not None and request in requests:
+        requests.remove(request)
+    request.notifications = []
