@@ -30,6 +30,7 @@ from signaling._compat import declared_body, head_size_so_far
 from signaling._tcp import unsent_bytes
 from signaling.admission import host_of, is_trusted_proxy
 from signaling.limits import ConnectionCounts, LogBudget, address_key
+from signaling.safetext import safe
 
 #: requests answered from one read of a connection (pipelined behind each other)
 MAX_PIPELINED = 16
@@ -60,6 +61,25 @@ def canned(status: int, text: str) -> bytes:
         "Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def access_line(timestamp, request) -> str:
+    """
+    Twisted's combined access-log line, with every field the client chose
+    (method, URI, protocol, referrer, user agent) through :func:`safe`: cut
+    to 100 characters, control and formatting characters escaped.
+    """
+    address = request.getClientAddress()
+    ip = getattr(address, "host", "-")
+
+    def field(value):
+        return safe(value or b"-").replace('"', '\\"')
+
+    return '"{}" - - {} "{} {} {}" {} {} "{}" "{}"'.format(
+        safe(ip), timestamp, field(request.method), field(request.uri), field(request.clientproto),
+        request.code, request.sentLength or "-", field(request.getHeader(b"referer")),
+        field(request.getHeader(b"user-agent")),
+    )
 
 
 class Refusal(Protocol):
@@ -201,8 +221,10 @@ class GuardedSite(Site):
 
     def __init__(self, resource, clock, max_connections=1024, max_per_address=64, max_head=16384,
                  head_timeout=10.0, trusted_proxies=(), ipv6_prefix=64, **kwargs):
+        kwargs.setdefault("logFormatter", access_line)
         super().__init__(resource, reactor=clock, **kwargs)
         self.clock = clock
+        self._access = LogBudget(clock, self._access_held, lines=100)
         self.counts = ConnectionCounts(max_connections, max_per_address)
         self.max_head = max_head
         self.head_timeout = head_timeout
@@ -231,6 +253,15 @@ class GuardedSite(Site):
         if channel._counted:
             channel._counted = False
             self.counts.remove(channel._key)
+
+    def log(self, request):
+        """The access log: a line per request, within a budget (100 per 10 s, then a count)."""
+        if self._access.allow("requests"):
+            super().log(request)
+
+    def _access_held(self, summary: str) -> None:
+        self._log.info("HTTP: access log lines not written in the last {interval}s: {summary}",
+                       interval=self._access.interval, summary=summary)
 
     def note(self, what: str, address) -> None:
         """Log a refusal, within the budget of lines per interval."""

@@ -343,13 +343,18 @@ def test_nothing_an_attacker_sends_reaches_the_log_raw(json_logs):
                 assert refused.status == status, bytes(refused.data)
                 status_line = bytes(refused.data).split(b"\r\n", 1)[0].decode("utf-8", "replace")
                 assert not CONTROL.search(status_line) and len(status_line) < 200
+            access = await exchange(server.ports["http"], (
+                f"GET /api/health?{'q' * 300} HTTP/1.1\r\nHost: x\r\nUser-Agent: {in_header}\r\n"
+                f"Referer: {in_header}\r\nConnection: close\r\n\r\n").encode("utf-8"))
+            assert access.status == 200
             await a.close()
 
         run(go())
         server.wait_for_line(r"refused connection from fe80::1: 403" if not json_logs else "fe80::1")
+        server.wait_for_line(r"GET /api/health\?")  # the access log line
         logged = server.output()
         assert "\x1b" not in logged and "\u202e" not in logged and "\u2066" not in logged
-        assert "\\x1b" in logged and "zzzz...(+" in logged
+        assert "\\x1b" in logged and "zzzz...(+" in logged and "qqqq...(+" in logged
         for line in server.lines:
             if json_logs:
                 event = json.loads(line.lstrip("\x1e"))

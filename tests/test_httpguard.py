@@ -171,3 +171,29 @@ def test_websocket_upgrade_moves_the_connection_to_the_websocket_counts():
     assert s.counts.total == 0 and h.factory.admitted == 1
     _, another = connect(s)  # the address's one HTTP slot is free again
     assert not another.disconnecting
+
+
+def test_access_log_lines_are_safe_and_budgeted():
+    """
+    The access log line escapes and cuts what the client chose (URI, user
+    agent, referrer); past 100 lines per 10 s the rest are counted in one line.
+    """
+    s, clock, _ = site(head_timeout=0)
+    s.doStart()  # (opens the access log: the global log, as twistd runs it)
+    channel, _ = connect(s)
+    with capturedLogs() as events:
+        channel.dataReceived(
+            b"GET /?" + b"q" * 5000 + b" HTTP/1.1\r\nHost: x\r\nUser-Agent: a\x1b[2J\xe2\x80\xae\"b\r\n"
+            b"Referer: " + b"r" * 300 + b"\r\n\r\n"
+        )
+        for _ in range(150):
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(10)
+    lines = [formatEvent(e) for e in events]
+    first = lines[0]
+    assert '"GET /?' + "q" * 98 + "...(+" in first
+    assert '"a\\x1b[2J\\u202e\\"b"' in first and "r" * 101 not in first
+    assert all("\x1b" not in line and "\u202e" not in line for line in lines)
+    assert sum(line.startswith('"203.0.113.1" - - ') for line in lines) == 100
+    assert lines[-1] == "HTTP: access log lines not written in the last 10.0s: 51 requests"
+    s.doStop()
