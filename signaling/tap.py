@@ -4,27 +4,25 @@
 ``makeService`` only wires: a registry, the WebSocket factory, the Klein site,
 one listener per endpoint string, and the periodic summary.  Graceful
 shutdown (stop accepting, close every WebSocket with 1001, wait at most the
-drain bound, log a final summary) is :class:`SignalingService`'s
-``stopService``.
+drain bound, log a final summary) is
+:class:`~signaling.service.SignalingService`'s ``stopService``; listening is
+:mod:`signaling.listening`.
 """
 
 import ipaddress
-import re
-import socket
 import sys
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import fail, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
 from signaling import __version__
 from signaling.gcpolicy import GenerationalFreeze
 from signaling.httpguard import GuardedSite
+from signaling.listening import ListenService, make_endpoint
 from signaling.protocol import SignalingFactory
 from signaling.registry import Registry
+from signaling.service import SignalingService, log_summary
 from signaling.settings import Settings
 from signaling.tokens import read_secret
 from signaling.web import SignalingWeb, WebSocketTakeover
@@ -280,170 +278,6 @@ class Options(SignalingOptions):
             why = str(e).replace("Parameter type enforcement failed: ", "", 1)
             sys.stderr.write(f"signaling: {why}\n")
             raise SystemExit(2) from None
-
-
-_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
-
-
-def with_backlog(description: str, backlog: int) -> str:
-    """Add ``backlog=`` to a listening endpoint string unless it sets one."""
-    kind = description.split(":", 1)[0].lower()
-    if kind not in _BACKLOG_TYPES or re.search(r"(^|:)backlog=", description):
-        return description
-    return f"{description}:backlog={backlog}"
-
-
-class ReusePortEndpoint:
-    """
-    A TCP listening endpoint whose socket has SO_REUSEPORT set, adopted by
-    the reactor: several processes may listen on the same address and port.
-    Takes ``tcp:PORT[:interface=ADDR][:backlog=N]`` (IPv4 or IPv6 address).
-    """
-
-    def __init__(self, reactor, description: str):
-        kind, _, rest = description.partition(":")
-        if kind != "tcp" or not rest:
-            raise ValueError(f"--reuse-port takes tcp:PORT endpoints, not {description!r}")
-        options = {}
-        parts = rest.split(":")
-        for part in parts:
-            key, eq, value = part.partition("=")
-            if eq:
-                options[key] = value
-            else:
-                options.setdefault("port", part)
-        self.reactor = reactor
-        self.port = int(options.pop("port"))
-        self.interface = options.pop("interface", "")
-        self.backlog = int(options.pop("backlog", 50))
-        if options:
-            raise ValueError(f"--reuse-port: unsupported endpoint options {sorted(options)}")
-
-    def listen(self, factory):
-        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self.interface, self.port))
-            sock.listen(self.backlog)
-            sock.setblocking(False)
-            port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
-        except OSError as e:
-            return fail(e)
-        finally:
-            sock.close()  # the reactor holds its own duplicate
-        return succeed(port)
-
-
-def make_endpoint(reactor, description: str, backlog: int, reuse_port: bool):
-    description = with_backlog(description, backlog)
-    if reuse_port:
-        return ReusePortEndpoint(reactor, description)
-    return serverFromString(reactor, description)
-
-
-class ListenService(Service):
-    """Listen on one endpoint while running; log the address actually bound."""
-
-    _log = Logger()
-
-    def __init__(self, label: str, endpoint, factory):
-        self.label = label
-        self.endpoint = endpoint
-        self.factory = factory
-        self.port = None
-
-    def startService(self):
-        super().startService()
-        d = self.endpoint.listen(self.factory)
-
-        def listening(port):
-            self.port = port
-            address = port.getHost()
-            self._log.info(
-                "{label} listening on {host}:{port}",
-                label=self.label,
-                host=getattr(address, "host", address),
-                port=getattr(address, "port", ""),
-            )
-
-        failures = []
-        d.addCallbacks(listening, failures.append)
-        if failures:
-            # Listening failed at once (the usual case: port in use, bad
-            # interface): raise, so that twistd reports it and exits.
-            failures[0].raiseException()
-        d.addCallback(
-            lambda _: failures
-            and self._log.failure("{label} could not listen", failures[0], label=self.label)
-        )
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-
-
-class SignalingService(MultiService):
-    """
-    The whole server.  Stopping it stops the listeners first, then closes
-    every WebSocket with 1001 and waits at most ``drain_timeout`` for them.
-    """
-
-    _log = Logger()
-
-    def __init__(self, factory: SignalingFactory, drain_timeout: float, reactor, backend=None):
-        super().__init__()
-        self.factory = factory
-        self.drain_timeout = drain_timeout
-        self.reactor = reactor
-        #: a service the registry needs (Redis connections): started first, stopped last
-        self.backend = backend
-
-    def startService(self):
-        if self.backend is not None:
-            self.backend.startService()
-        super().startService()
-        # twistd starts services before the reactor runs and installs its
-        # signal handlers; "ready" is logged once both are done.
-        self.reactor.callWhenRunning(
-            self._log.info, "signaling {version} ready", version=__version__
-        )
-
-    def stopService(self):
-        self._log.info("shutting down: no longer accepting connections")
-        d = super().stopService()
-        d.addCallback(lambda _: self.factory.shutdown(self.drain_timeout))
-        d.addCallback(self._stopped)
-        if self.backend is not None:
-            d.addCallback(lambda _: self.backend.stopService())
-        return d
-
-    def _stopped(self, closed):
-        self._log.info(
-            "stopped: closed {closed} connections; {users} users left in the registry",
-            closed=closed,
-            users=len(self.factory.connections),
-        )
-
-
-_summary_log = Logger(namespace="signaling.summary")
-
-
-def log_summary(registry):
-    """Log one line of who is connected."""
-
-    def log(s):
-        _summary_log.info(
-            "summary: {users} users ({idle} idle, {connecting} connecting, "
-            "{connected} connected), {pairs} pairs",
-            **s,
-        )
-
-    d = maybeDeferred(registry.summary)
-    d.addCallbacks(log, lambda f: _summary_log.warn("summary unavailable: {e}", e=f.getErrorMessage()))
 
 
 def make_factory(options: SignalingOptions, registry, reactor) -> SignalingFactory:

@@ -9,6 +9,11 @@ The HTTP side, a Klein app on the same reactor as the WebSocket server:
 """
 
 import base64
+
+# werkzeug encodes the Host of every request with the "idna" codec, whose
+# module Python imports lazily: import it now, while the installation can be
+# read, since twistd may drop privileges (--uid) before the first request.
+import encodings.idna  # noqa: F401
 import hashlib
 import hmac
 import json

@@ -80,7 +80,7 @@ class ServerProcess:
                     event = json.loads(line.lstrip("\x1e"))
                 except ValueError:
                     continue
-                if event.get("log_namespace") == "signaling.tap.ListenService" and "port" in event:
+                if event.get("log_namespace") == "signaling.listening.ListenService" and "port" in event:
                     self.ports[event["label"]] = event["port"]
             else:
                 m = LISTENING.search(line)

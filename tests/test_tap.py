@@ -5,8 +5,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.web.server import Site
 
+from signaling.listening import with_backlog
 from signaling.protocol import SignalingFactory
-from signaling.tap import Options, SignalingOptions, makeService, with_backlog
+from signaling.tap import Options, SignalingOptions, makeService
 
 
 def parse(*argv):
@@ -171,7 +172,7 @@ def test_short_secret_refused(tmp_path):
 
 def test_reuse_port_endpoint_parsing():
     """--reuse-port endpoints take tcp:PORT with interface and backlog, and refuse the rest."""
-    from signaling.tap import ReusePortEndpoint
+    from signaling.listening import ReusePortEndpoint
 
     e = ReusePortEndpoint(None, "tcp:8080:interface=127.0.0.1:backlog=777")
     assert (e.port, e.interface, e.backlog) == (8080, "127.0.0.1", 777)
@@ -255,3 +256,81 @@ def test_twistd_options_exit_with_status_2(capsys):
         Options().parseOptions(["--max-fragments=0"])
     assert e.value.code == 2
     assert capsys.readouterr().err == "signaling: --max-fragments must be positive, got '0'\n"
+
+
+def test_ports_are_bound_before_privileges_are_dropped():
+    """
+    twistd runs privilegedStartService before it drops privileges
+    (--uid/--gid): both ports are bound then, so a port below 1024 can be
+    served by an unprivileged process; startService binds nothing again.
+    """
+    reactor = MemoryReactorClock()
+    service = makeService(parse("--http=tcp:80", "--ws=tcp:443"), reactor)
+    service.privilegedStartService()
+    assert [port for port, *_ in reactor.tcpServers] == [80, 443]
+    service.startService()  # (twistd: after dropping privileges)
+    assert [port for port, *_ in reactor.tcpServers] == [80, 443]
+    service.stopService()
+    # twist (or anything that only calls startService) binds there
+    reactor = MemoryReactorClock()
+    service = makeService(parse("--http=tcp:3005", "--ws=none"), reactor)
+    service.startService()
+    assert [port for port, *_ in reactor.tcpServers] == [3005]
+    service.stopService()
+
+
+def test_twistd_serves_a_port_bound_before_dropping_privileges(tmp_path):
+    """
+    The installed plugin under twistd --uid/--gid (as root, dropping to
+    nobody) serves a port it bound before dropping them (a port below 1024
+    where the tests run as root).
+    """
+    import os
+    import pwd
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("this test needs root, to drop privileges (CI runs as root)")
+        pytest.skip("needs root to drop privileges")
+    nobody = pwd.getpwnam("nobody")
+    with socket.socket() as probe:  # a free port below 1024
+        for port in range(900, 1000):
+            try:
+                probe.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    tmp_path.chmod(0o777)
+    proc = subprocess.Popen(
+        [twistd, "-n", "--pidfile=", f"--uid={nobody.pw_uid}", f"--gid={nobody.pw_gid}", "signaling",
+         f"--http=tcp:{port}:interface=127.0.0.1", "--ws=none"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if " ready" in line or "Traceback" in line:
+                break
+        for path in ("/api/health", "/api/stats", "/test.html", "/signaling.js"):  # (lazy imports, as nobody)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                assert response.status == 200, path
+
+        async def websocket():
+            from live import connect
+
+            ws = await connect(f"ws://127.0.0.1:{port}/ws")
+            await ws.close()
+
+        from live import run
+
+        run(websocket())
+        with open(f"/proc/{proc.pid}/status") as f:
+            uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+        assert set(uids) == {str(nobody.pw_uid)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
