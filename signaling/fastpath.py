@@ -6,8 +6,11 @@ of a relay's cost in Autobahn's parser, saved on the frames that make up
 nearly all of the traffic; the write side of it is ``signaling.writes``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from signaling import _compat
 from signaling.framing import unmask
+from signaling.limits import TokenBucket
 
 
 class FastPath:
@@ -21,6 +24,23 @@ class FastPath:
     #: take small, complete, masked, unfragmented text frames without
     #: Autobahn's general frame machinery (everything else goes through it)
     fast_path = True
+
+    # provided by the protocol class it is mixed into (declared for type checkers)
+    factory: Any
+    state: int
+    maxMessagePayloadSize: int
+    _bucket: TokenBucket
+    _strikes: int
+    _budget: int
+    _discard: bool
+
+    if TYPE_CHECKING:
+
+        def _strike(self) -> None: ...
+
+        def _rate_limited(self) -> None: ...
+
+        def _handle(self, payload: bytes, isBinary: bool) -> None: ...
 
     def _fast_frames(self, data: bytes) -> bytes:
         """

@@ -9,12 +9,14 @@ hundreds of busy connections cannot keep a quiet one waiting.
 """
 
 from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, Optional
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.logger import Logger
 
 from signaling import _compat
 from signaling._tcp import half_close
+from signaling.limits import TokenBucket
 
 #: close code for a peer that keeps sending over the rate limit
 CLOSE_POLICY_VIOLATION = 1008
@@ -33,6 +35,25 @@ class FrameGuard:
     """
 
     _log = Logger()
+
+    # provided by the protocol class it is mixed into (declared for type checkers)
+    factory: Any
+    transport: Any
+    state: int
+    peer_id: Optional[str]
+    ip: str
+    _bucket: TokenBucket
+    _strikes: int
+
+    if TYPE_CHECKING:
+
+        def dataReceived(self, data: bytes) -> None: ...
+
+        def _error(self, code: str, text: str, ref: Optional[str]) -> None: ...
+
+        def close(self, code: int, reason: str) -> None: ...
+
+        def leave_now(self, code: int) -> Any: ...
 
     _discard = False  # failed: read nothing more, process nothing more
     _dropping = False  # the message being received lost the rate limit: drop it at its end
@@ -170,7 +191,7 @@ class HeldConnections:
     def __init__(self, clock, slice: float):
         self._clock = clock
         self.slice = slice
-        self._held = deque()  # in the order they were held
+        self._held: Deque[Any] = deque()  # in the order they were held
         self._resuming = None
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ Every refusal costs O(1) memory and time and is logged within a budget of
 lines per interval (:class:`~signaling.limits.LogBudget`).
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -95,6 +95,9 @@ class Refusal(Protocol):
 
 class GuardedChannel(HTTPChannel):
     """An HTTP/1.1 channel with a head deadline, size caps, no bodies and bounded pipelining."""
+
+    site: "GuardedSite"  # set by the site that built it
+    transport: Any  # a connected TCP or TLS transport
 
     _key: Optional[str] = None  # the per-address key it is counted under
     _counted = False
@@ -216,7 +219,7 @@ class GuardedSite(Site):
     :param ipv6_prefix: the prefix length IPv6 clients are counted by.
     """
 
-    protocol = GuardedChannel
+    protocol = GuardedChannel  # type: ignore[assignment]  # (HTTP/1.1 only: no HTTP/2 negotiation)
     _log = Logger()
 
     def __init__(self, resource, clock, max_connections=1024, max_per_address=64, max_head=16384,

@@ -4,7 +4,7 @@ connection counts per address, and budgets for log lines.
 """
 
 import ipaddress
-from typing import Optional
+from typing import Dict, Optional
 
 
 class TokenBucket:
@@ -69,7 +69,7 @@ class ConnectionCounts:
         self.max_total = max_total
         self.max_per_key = max_per_key
         self.total = 0
-        self.per_key = {}
+        self.per_key: Dict[str, int] = {}
 
     def refusal(self, key: Optional[str]) -> Optional[str]:
         """``"total"`` or ``"address"`` if one more connection (from ``key``) is over a cap, else None."""
@@ -125,7 +125,7 @@ class LogBudget:
         self.interval = interval
         self._start = clock.seconds()
         self._used = 0
-        self.held = {}  # kind -> lines held back since the last report
+        self.held: Dict[str, int] = {}  # kind -> lines held back since the last report
         self._call = None
 
     def allow(self, kind: str) -> bool:

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Optional
 
 from signaling.errors import InvalidJSON, InvalidMessage, SignalingError, UnknownType
 
+orjson: Any
 try:  # a compiled JSON library on CPython; the standard library elsewhere (PyPy)
     import orjson
 except ImportError:  # pragma: no cover - exercised on PyPy
@@ -154,7 +155,7 @@ def welcome(peer_id: str) -> dict:
     return {"type": "welcome", "id": peer_id}
 
 
-def relay(kind: str, sender: str, data: Any) -> dict:
+def relay(kind: str, sender: Optional[str], data: Any) -> dict:
     return {"type": kind, "from": sender, "data": data}
 
 

@@ -20,7 +20,7 @@ then run one after another, in the order their frames arrived.
 """
 
 from collections import deque
-from typing import Optional
+from typing import Any, Dict, Optional, Set
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -66,13 +66,14 @@ _OPERATIONS = {
 }
 
 
-class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):
+class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  # type: ignore[misc]  # (Autobahn's)
     """One browser peer."""
 
     _log = Logger()  # Autobahn owns ``self.log``
     #: Autobahn's own log lines for this protocol, with client-controlled values made safe
     log = SafeLogger(WebSocketServerProtocol.log, off=txaio_off())
 
+    transport: Any  # a connected TCP or TLS transport
     peer_id: Optional[str] = None
     ip: str = "?"
     _counted = False  # in the factory's connection counts
@@ -232,8 +233,13 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):
         if peer_id is None or not hasattr(self, "closed"):
             return None  # not open, or gone already
         self.peer_id = None  # so that its close removes nothing more
-        done = Deferred()
-        self.closed.addBoth(lambda result: (done.callback(None), result)[1])
+        done: Deferred = Deferred()
+
+        def left(result):
+            done.callback(None)
+            return result
+
+        self.closed.addBoth(left)
         self._enqueue(self.factory.leave, self, peer_id, False, code)
         return done
 
@@ -323,10 +329,10 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):
         else:
             self.send(messages.encode(messages.error(code, text, ref)))
 
-    def _errors_held(self, peer: str, summary: str) -> None:
+    def _errors_held(self, peer: Optional[str], summary: str) -> None:
         self._log.info(
             "errors to {peer} ({ip}) not logged in the last {interval}s: {summary}",
-            peer=peer, ip=self.ip, interval=self._errors.interval, summary=summary,
+            peer=peer, ip=self.ip, interval=getattr(self._errors, "interval", None), summary=summary,
         )
 
     # -- operations, run in arrival order -----------------------------------
@@ -455,7 +461,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):
             return delivered.addCallback(self._relayed, message, sender, size)
         return self._relayed(delivered, message, sender, size)
 
-    def _relayed(self, delivered, message: messages.Message, sender: str, size: int) -> None:
+    def _relayed(self, delivered, message: messages.Message, sender: Optional[str], size: int) -> None:
         if not delivered:
             self._error("peer-not-found", NOT_DELIVERED, message.type)
             return
@@ -498,12 +504,12 @@ class SignalingFactory(WebSocketServerFactory):
                 return str(uuid4())
 
         self.new_id = new_id
-        self.connections = {}
+        self.connections: Dict[str, SignalingServerProtocol] = {}
         self.shutting_down = False
         # every WebSocket connection from its first byte to its end, in total
         # and per address key (an IPv6 client by its /ipv6_prefix network)
         self.counts = ConnectionCounts(settings.max_connections, settings.max_connections_per_ip)
-        self.reserved = set()  # fixed peer ids (from tokens) of opening connections
+        self.reserved: Set[str] = set()  # fixed peer ids (from tokens) of opening connections
         self.rate_limited_text = (
             f"too many messages: at most {settings.rate:g} per second (bursts of {settings.burst}); "
             "this one was dropped"
@@ -612,9 +618,12 @@ class SignalingFactory(WebSocketServerFactory):
     # -- membership ---------------------------------------------------------
 
     def join(self, proto: SignalingServerProtocol):
-        self.connections[proto.peer_id] = proto
-        result = self.registry.add(proto.peer_id, proto.ip)
-        self._log.info("peer {peer} connected from {ip}", peer=proto.peer_id, ip=proto.ip)
+        peer_id = proto.peer_id
+        if peer_id is None:
+            return None  # (it closed before joining)
+        self.connections[peer_id] = proto
+        result = self.registry.add(peer_id, proto.ip)
+        self._log.info("peer {peer} connected from {ip}", peer=peer_id, ip=proto.ip)
         return result
 
     def leave(self, proto: SignalingServerProtocol, peer_id: str, clean: bool, code):
@@ -633,7 +642,7 @@ class SignalingFactory(WebSocketServerFactory):
                 lambda f: self._log.warn("peer {peer} not removed from the registry: {why}",
                                          peer=peer_id, why=f.getErrorMessage())
             )
-            return result.addBoth(lambda r: _fire(proto.closed) or r)
+            return result.addBoth(_firing, proto.closed)
         _fire(proto.closed)
         return None
 
@@ -718,6 +727,12 @@ class SignalingFactory(WebSocketServerFactory):
         for proto in remaining:
             proto.dropConnection(abort=True)
             _fire(proto.closed)
+
+
+def _firing(result, d: Deferred):
+    """Fire ``d``, and pass ``result`` on."""
+    _fire(d)
+    return result
 
 
 def _fire(d: Deferred) -> None:

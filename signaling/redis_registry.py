@@ -259,7 +259,7 @@ class RedisRegistry(RedisRules, Service):
         """A Deferred that fires once this node is (or is again) registered and admitting peers."""
         if self.ready:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._waiting_ready.append(d)
         return d
 

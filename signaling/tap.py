@@ -11,6 +11,7 @@ drain bound, log a final summary) is
 
 import ipaddress
 import sys
+from typing import Any, List, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.logger import Logger
@@ -59,7 +60,7 @@ def _prefix(value):
     return prefix
 
 
-_prefix.coerceDoc = ""
+_prefix.coerceDoc = ""  # type: ignore[attr-defined]
 
 
 def _positive(kind, name):
@@ -369,7 +370,7 @@ def makeService(options: SignalingOptions, reactor=None) -> SignalingService:
         registry.attach(factory)
     service = SignalingService(factory, options["drain-timeout"], reactor, backend)
     backlog = options["backlog"]
-    listeners = [("http", options["http"], make_site(options, registry, factory, reactor))]
+    listeners: List[Tuple[str, str, Any]] = [("http", options["http"], make_site(options, registry, factory, reactor))]
     if options["ws"] != "none":
         listeners.append(("ws", options["ws"], factory))
     for label, description, server_factory in listeners:

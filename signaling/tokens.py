@@ -28,7 +28,7 @@ import json
 import re
 import sys
 import time
-from typing import Optional
+from typing import Any, Dict, Optional
 
 #: what a fixed peer id may look like
 PEER_ID = re.compile(r"[A-Za-z0-9._~:@+=-]{1,128}")
@@ -60,7 +60,7 @@ def make_token(secret: bytes, ttl: float, peer_id: Optional[str] = None, now: Op
         raise ValueError("the secret must not be empty")
     if peer_id is not None and not PEER_ID.fullmatch(peer_id):
         raise ValueError("a peer id is 1 to 128 characters of A-Z a-z 0-9 . _ ~ : @ + = -")
-    claims = {"exp": int((time.time() if now is None else now) + ttl)}
+    claims: Dict[str, Any] = {"exp": int((time.time() if now is None else now) + ttl)}
     if peer_id is not None:
         claims["sub"] = peer_id
     payload = _b64(json.dumps(claims, separators=(",", ":")).encode("utf-8"))

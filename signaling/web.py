@@ -20,6 +20,7 @@ import json
 import re
 from datetime import datetime, timezone
 from importlib import resources
+from typing import Dict, List
 
 from autobahn.twisted.resource import WebSocketResource
 from klein import Klein
@@ -100,7 +101,7 @@ def page_policy(html: bytes) -> bytes:
     scripts and styles (by hash) and same-origin scripts; WebSockets to any
     server (the user may type another address); no frames around it.
     """
-    hashes = {"script": [], "style": []}
+    hashes: Dict[str, List[bytes]] = {"script": [], "style": []}
     for kind, body in re.findall(rb"<(script|style)\b[^>]*>(.*?)</\1>", html, re.S):
         if body.strip():
             digest = base64.b64encode(hashlib.sha256(body).digest())

@@ -17,6 +17,8 @@ import pytest
 from fuzzing import RawClient, frame
 from live import ServerProcess, connect, pair, paired, recv, run, send, sync
 
+pytestmark = pytest.mark.live
+
 HOST = "127.0.0.1"
 TIMEOUT = 30
 

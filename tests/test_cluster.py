@@ -16,6 +16,8 @@ import websockets
 from live import ServerProcess, closed_code, connect, pair, recv, run, send, sync
 from redis_server import RedisServer
 
+pytestmark = pytest.mark.cluster
+
 NODE_TIMEOUT = "2"
 
 
@@ -120,6 +122,12 @@ def test_races_stay_consistent(cluster):
             await asyncio.gather(send(a, {"type": "ping", "to": b.peer_id}), send(b, {"type": "ping", "to": a.peer_id}))
             await asyncio.gather(recv(a), recv(b))
             await asyncio.gather(send(a, {"type": "pong", "to": b.peer_id}), send(b, {"type": "pong", "to": a.peer_id}))
+            # both pongs handled (each connection's operations run in order) before the stats are read;
+            # each peer gets the other's pong (relayed through Redis: maybe after its own round trip)
+            for ws, before in zip((a, b), await asyncio.gather(sync(a), sync(b))):
+                assert [m["type"] for m in before] in ([], ["pong"]), before
+                if not before:
+                    assert (await recv(ws))["type"] == "pong"
             everyone = users(n1)
             assert everyone[a.peer_id]["state"] == everyone[b.peer_id]["state"] == "connected"
             assert_consistent(everyone)

@@ -4,10 +4,10 @@ Autobahn's and Twisted's internals, checked against the installed versions.
 Each test fails loudly when a library changes underneath, instead of a limit
 or an optimisation quietly ceasing to work.
 """
-
 import json
 
 import autobahn.websocket.protocol as autobahn_protocol
+import pytest
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from fuzzing import frame
 from memory import Harness
@@ -20,6 +20,8 @@ from twisted.web.http import HTTPChannel
 
 from signaling import _compat, _tcp
 from signaling.protocol import SignalingServerProtocol
+
+pytestmark = pytest.mark.memory
 
 
 def test_connection_made_quietly_skips_the_option_dump(monkeypatch):
@@ -138,6 +140,7 @@ def test_http_channel_internals():
     assert isinstance(HTTPChannel().requests, list)
 
 
+@pytest.mark.live
 class SocketLevel(unittest.TestCase):
     """_tcp's reading of Twisted's TCP transport, on real loopback sockets."""
 

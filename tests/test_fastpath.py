@@ -3,16 +3,18 @@ Tier 2: the fast frame path (small complete masked text frames taken without
 Autobahn's frame machinery) behaves exactly like Autobahn's own path, for any
 sequence of frames cut into any chunks.
 """
-
 import json
 import struct
 
+import pytest
 from fuzzing import frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from memory import Harness
 
 from signaling.framing import text_frame, unmask
+
+pytestmark = pytest.mark.memory
 
 
 def outcome(frames, cuts, fast):

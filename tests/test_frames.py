@@ -18,6 +18,8 @@ from twisted.python.failure import Failure
 
 from signaling.safetext import MAX_CHARS
 
+pytestmark = pytest.mark.memory
+
 
 def errors(client):
     return [(m["code"], m["ref"]) for m in client.take() if m["type"] == "error"]

@@ -10,6 +10,8 @@ import pytest
 from fuzzing import FRAME_CASES, frame_fuzz, json_fuzz
 from live import ServerProcess, paired, recv, run, send, sync
 
+pytestmark = pytest.mark.live
+
 
 @pytest.fixture(scope="module")
 def fuzz_server():

@@ -13,6 +13,8 @@ from twisted.logger import capturedLogs
 
 from signaling.gcpolicy import GenerationalFreeze
 
+pytestmark = pytest.mark.pure
+
 
 @pytest.fixture(autouse=True)
 def need_freeze():

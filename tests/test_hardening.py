@@ -9,6 +9,8 @@ from twisted.logger import capturedLogs
 from signaling.admission import client_address, origin_allowed
 from signaling.tokens import TokenError, main, make_token, verify_token
 
+pytestmark = pytest.mark.memory
+
 SECRET = b"0123456789abcdef-test-secret"
 
 

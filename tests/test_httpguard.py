@@ -3,9 +3,9 @@ Tier 2: the HTTP port's defences (signaling.httpguard) on a fake clock, with
 bytes written to the channel as a hostile client would: connection caps,
 the request-head deadline under trickling, head sizes, bodies, pipelining.
 """
-
 import re
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -13,6 +13,8 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 
 from signaling.httpguard import MAX_PIPELINED, GuardedSite
+
+pytestmark = pytest.mark.memory
 
 
 class Page(Resource):

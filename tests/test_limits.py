@@ -8,6 +8,8 @@ from signaling.admission import client_address, normal_ip
 from signaling.limits import ConnectionCounts, LogBudget, address_key
 from signaling.safetext import MAX_CHARS, SafeLogger, safe, txaio_off
 
+pytestmark = pytest.mark.pure
+
 # -- safe text -------------------------------------------------------------------------
 
 

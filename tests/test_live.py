@@ -13,6 +13,8 @@ import uuid
 import pytest
 from live import ServerProcess, closed_code, connect, pair, recv, recv_raw, run, send, sync
 
+pytestmark = pytest.mark.live
+
 
 def test_welcome_is_uuid4_and_user_appears_idle(server):
     """A new connection is welcomed with a fresh uuid4 and listed idle in stats with its address."""

@@ -18,6 +18,8 @@ from live import ServerProcess, closed_code, connect, paired, recv, run, send, s
 
 from signaling.tokens import make_token
 
+pytestmark = pytest.mark.live
+
 SECRET = b"live-test-secret-0123456789"
 
 
@@ -202,12 +204,22 @@ def test_non_reading_peer_is_dropped(small_buffers):
 
 
 def test_silent_tcp_connection_times_out(small_buffers):
-    """A TCP connection that never completes the WebSocket handshake is closed after --handshake-timeout."""
-    with socket.create_connection(("127.0.0.1", small_buffers.ports["ws"]), timeout=20) as s:
+    """
+    A TCP connection that never completes the WebSocket handshake is closed
+    after --handshake-timeout (1 s here): not at once, and well before the
+    default of 10 s, which is what it would take if the option were ignored.
+    """
+    import time
+
+    with socket.create_connection(("127.0.0.1", small_buffers.ports["ws"]), timeout=6) as s:
+        started = time.monotonic()
         try:
-            assert s.recv(1024) == b""  # the server closed it (in 1 s; the socket waits 20)...
+            assert s.recv(1024) == b""  # the server closed it...
         except ConnectionResetError:
             pass  # ...or dropped it
+        except socket.timeout:
+            raise AssertionError("still open after 6 s: --handshake-timeout=1 was not applied") from None
+        assert time.monotonic() - started >= 0.9
 
 
 def make_certificate(directory):

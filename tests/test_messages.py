@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from signaling import messages
 from signaling.registry import SignalingError
 
+pytestmark = pytest.mark.pure
+
 
 def refused(payload):
     with pytest.raises(SignalingError) as e:

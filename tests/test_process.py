@@ -15,6 +15,8 @@ from live import ServerProcess, closed_code, connect, paired, recv, run, script,
 
 import signaling
 
+pytestmark = pytest.mark.live
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # After a clean shutdown on a signal, twistd and twist re-raise the signal

@@ -4,6 +4,7 @@ operations (Hypothesis), and the in-memory registry and the Redis one's
 rules driven side by side by the same sequences, answering alike.
 """
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule, run_state_machine_as_test
@@ -12,6 +13,8 @@ from twisted.internet.task import Clock
 
 from signaling.errors import PeerIdTaken, SignalingError
 from signaling.registry import CONNECTED, CONNECTING, IDLE, Registry
+
+pytestmark = pytest.mark.pure  # (the differential test also: redis)
 
 
 class RegistryMachine(RuleBasedStateMachine):
@@ -213,6 +216,7 @@ class BothRegistries(RuleBasedStateMachine):
         self.step("add", a, "10.0.0.2")
 
 
+@pytest.mark.redis
 def test_both_registries_answer_alike(redis_server):
     """The in-memory registry and the Redis one's rules answer every random sequence alike (BothRegistries)."""
     BothRegistries.server = redis_server

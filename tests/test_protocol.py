@@ -12,6 +12,8 @@ from zope.interface import implementer
 from signaling.errors import Unavailable
 from signaling.registry import IClusterRegistry, SignalingError
 
+pytestmark = pytest.mark.memory
+
 
 @pytest.fixture
 def h():

@@ -7,9 +7,9 @@ Redis's own clock cannot be faked: where a test needs "this node has been
 silent for longer than the timeout", the reaping node runs with a timeout of
 0, so that every other node is past it at once.
 """
-
 import json
 
+import pytest
 import redis
 from redis_server import RedisServer
 from twisted.internet import reactor
@@ -20,6 +20,8 @@ from zope.interface import implementer
 
 from signaling.redis_registry import RedisRegistry
 from signaling.registry import IClusterRegistry, ILocalPeers
+
+pytestmark = pytest.mark.redis
 
 PREFIX = "t:"
 

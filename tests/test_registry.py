@@ -12,8 +12,10 @@ from twisted.internet.task import Clock
 from signaling.errors import InvalidState, PeerBusy, PeerIdTaken, PeerNotFound
 from signaling.registry import CONNECTED, CONNECTING, IDLE, IRegistry, Registry, Transition
 
+pytestmark = pytest.mark.pure  # (the Redis ones also: redis)
 
-@pytest.fixture(params=["memory", "redis"])
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def empty(request):
     """An empty registry of each kind, on a fake clock at 2025-09-09T13:00:00Z."""
     clock = Clock()

@@ -9,6 +9,8 @@ from signaling.listening import with_backlog
 from signaling.protocol import SignalingFactory
 from signaling.tap import Options, SignalingOptions, makeService
 
+pytestmark = pytest.mark.memory
+
 
 def parse(*argv):
     options = SignalingOptions()
@@ -279,6 +281,7 @@ def test_ports_are_bound_before_privileges_are_dropped():
     service.stopService()
 
 
+@pytest.mark.live
 def test_twistd_serves_a_port_bound_before_dropping_privileges(tmp_path):
     """
     The installed plugin under twistd --uid/--gid (as root, dropping to

@@ -12,6 +12,8 @@ from twisted.web.resource import Resource
 from signaling.registry import Registry
 from signaling.web import SignalingWeb, iso_utc
 
+pytestmark = pytest.mark.memory
+
 
 class Marker(Resource):
     isLeaf = True

@@ -12,6 +12,8 @@ from live import run
 from playwright.async_api import async_playwright
 from rtc_peer import RtcPeer
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking",
