@@ -54,9 +54,8 @@ def stats_document(peers, hide_ip: bool = False) -> dict:
             "connectedAt": iso_utc(p.connected_at),
             "ip": None if hide_ip else p.ip,
         }
-        node = getattr(p, "node", None)
-        if node is not None:
-            user["node"] = node
+        if p.node is not None:  # (a cluster's registry says which node)
+            user["node"] = p.node
         users.append(user)
     return {"connectedUsers": len(users), "users": users}
 
