@@ -128,6 +128,8 @@ class IClusterRegistry(IRegistry):
     while (starting, or its shared state unreachable).
     """
 
+    node = Attribute("This process's id among the nodes (``--node-id``).")
+
     ready = Attribute(
         "Whether peers may be admitted now: this node is registered in the shared "
         "state and can be reached through it.  A node never welcomes a peer while "

@@ -169,3 +169,10 @@ class RegistryLiveness(unittest.TestCase):
         self.assertEqual(self.stored("a1")["s"], "idle")
         self.assertIsNone(self.stored("a2"))
         self.assertEqual(self.redis.smembers(PREFIX + "node:a"), {"a1"})
+
+    def test_provides_the_cluster_interface(self):
+        """The Redis registry provides IClusterRegistry, verified against the interface's declarations."""
+        from zope.interface.verify import verifyObject
+
+        node = Node(self.server.url, "n1", 10.0)
+        self.assertTrue(verifyObject(IClusterRegistry, node.registry))
