@@ -1,11 +1,14 @@
 """
-Who may open a WebSocket: client addresses behind trusted proxies, Origin
-allow-lists, bearer tokens.  Pure functions, no network code.
+Who may open a WebSocket (or get ICE servers): client addresses behind
+trusted proxies, Origin allow-lists, bearer tokens.  Pure functions, no
+network code.
 """
 
 import fnmatch
 import ipaddress
 from typing import Optional
+
+from signaling.tokens import TokenError, verify_token
 
 
 def normal_ip(text: str) -> Optional[str]:
@@ -83,3 +86,37 @@ def bearer(header: Optional[str]) -> Optional[str]:
     if header and header[:7].lower() == "bearer ":
         return header[7:].strip()
     return None
+
+
+class Refused(Exception):
+    """A request that may not proceed: the HTTP ``status`` and ``reason`` to answer with."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+def request_token(query_token: Optional[str], authorization: Optional[str]) -> Optional[str]:
+    """The access token a request presents: ``?token=``, else ``Authorization: Bearer``."""
+    return query_token or bearer(authorization)
+
+
+def authorize(settings, origin: Optional[str], token: Optional[str], now: float) -> Optional[dict]:
+    """
+    The Origin and access-token rules that the WebSocket handshake and
+    ``/api/ice-servers`` share: the token's claims (None when no token is
+    required), or :class:`Refused` with 403 or 401.
+
+    :param settings: ``allowed_origins``, ``token_secret``, ``token_max_lifetime``.
+    """
+    if not origin_allowed(origin, settings.allowed_origins):
+        raise Refused(403, "origin not allowed")
+    if settings.token_secret is None:
+        return None
+    if not token:
+        raise Refused(401, "access token required")
+    try:
+        return verify_token(settings.token_secret, token, now, settings.token_max_lifetime)
+    except TokenError as e:
+        raise Refused(401, str(e)) from None

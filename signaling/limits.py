@@ -4,6 +4,7 @@ connection counts per address, and budgets for log lines.
 """
 
 import ipaddress
+from collections import OrderedDict
 from typing import Dict, Optional
 
 
@@ -153,3 +154,32 @@ class LogBudget:
         if self._call is not None:
             self._call.cancel()
         self._flush()
+
+
+class AddressBuckets:
+    """
+    A token bucket per address key (requests from one client), for an
+    endpoint that must not be hammered.  At most ``max_keys`` buckets are
+    kept: past that the longest unused one is forgotten (an address that
+    comes back starts full, as one that waited would).
+    """
+
+    def __init__(self, clock, rate: float, burst: int, max_keys: int = 10000):
+        self._clock = clock
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: "OrderedDict[str, TokenBucket]" = OrderedDict()
+
+    def take(self, key: str) -> bool:
+        """Spend one of ``key``'s tokens; False if it has none left."""
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = TokenBucket(self._clock, self.rate, self.burst)
+            if len(self._buckets) >= self.max_keys:
+                self._buckets.popitem(last=False)
+        self._buckets[key] = bucket  # now the most recently used
+        return bucket.take()
+
+    def __len__(self) -> int:
+        return len(self._buckets)

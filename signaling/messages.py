@@ -151,8 +151,8 @@ def encode(obj: Any) -> bytes:
         return _dumps_ascii(obj).encode("ascii")
 
 
-def welcome(peer_id: str) -> dict:
-    return {"type": "welcome", "id": peer_id}
+def welcome(peer_id: str, ice_servers: list) -> dict:
+    return {"type": "welcome", "id": peer_id, "iceServers": ice_servers}
 
 
 def relay(kind: str, sender: Optional[str], data: Any) -> dict:

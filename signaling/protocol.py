@@ -32,7 +32,7 @@ from zope.interface import implementer
 from signaling import _compat, messages
 from signaling._compat import ClockTimer
 from signaling._tcp import unsent_bytes, write
-from signaling.admission import bearer, client_address, host_of, is_trusted_proxy, origin_allowed
+from signaling.admission import Refused, authorize, client_address, host_of, is_trusted_proxy, request_token
 from signaling.errors import BINARY_FRAME, NOT_DELIVERED, SERVER_FAULT, PeerIdTaken, SignalingError
 from signaling.fastpath import FastPath
 from signaling.frameguard import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG, FrameGuard, HeldConnections
@@ -42,7 +42,7 @@ from signaling.registry import IClusterRegistry, ILocalPeers
 from signaling.results import is_deferred, then
 from signaling.safetext import SafeLogger, safe, txaio_off
 from signaling.settings import Settings
-from signaling.tokens import TokenError, verify_token
+from signaling.turn import NO_ICE_SERVERS
 from signaling.writes import WriteBatch
 
 __all__ = ["SignalingServerProtocol", "SignalingFactory", "ClockTimer", "CLOSE_POLICY_VIOLATION", "CLOSE_TOO_BIG"]
@@ -103,20 +103,12 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         unready = factory.unready()
         if unready is not None:
             self._deny(503, unready)
-        if not origin_allowed(request.origin, settings.allowed_origins):
-            self._deny(403, "origin not allowed")
-        if settings.token_secret is not None:
-            token = (request.params.get("token") or [None])[0] or bearer(
-                request.headers.get("authorization")
-            )
-            if not token:
-                self._deny(401, "access token required")
-            try:
-                claims = verify_token(
-                    settings.token_secret, token, factory.clock.seconds(), settings.token_max_lifetime
-                )
-            except TokenError as e:
-                self._deny(401, str(e))
+        token = request_token((request.params.get("token") or [None])[0], request.headers.get("authorization"))
+        try:
+            claims = authorize(settings, request.origin, token, factory.clock.seconds())
+        except Refused as e:
+            self._deny(e.status, e.reason)
+        if claims is not None:
             fixed = claims.get("sub")
             if fixed is not None:
                 if fixed in factory.reserved:  # another handshake with that id is under way
@@ -409,7 +401,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         if self.factory.shutting_down:
             self.close(CLOSE_GOING_AWAY, "server shutting down")
             return
-        self.send(messages.encode(messages.welcome(self.peer_id)))
+        factory = self.factory
+        self.send(messages.encode(messages.welcome(self.peer_id, factory.ice_servers.for_user(self.peer_id))))
 
     def _process(self, message: messages.Message, size: int):
         factory = self.factory
@@ -489,13 +482,14 @@ class SignalingFactory(WebSocketServerFactory):
     protocol = SignalingServerProtocol
     _log = Logger()
 
-    def __init__(self, registry, settings: Settings, clock=None, new_id=None, **kwargs):
+    def __init__(self, registry, settings: Settings, clock=None, new_id=None, ice_servers=NO_ICE_SERVERS, **kwargs):
         if clock is None:
             from twisted.internet import reactor as clock
         kwargs.setdefault("server", "signaling")  # the Server header: no versions to fingerprint
         super().__init__(reactor=clock, **kwargs)
         self.registry = registry
         self.settings = settings
+        self.ice_servers = ice_servers  # what each welcome carries
         self.clock = clock
         if new_id is None:
             from uuid import uuid4

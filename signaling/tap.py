@@ -26,6 +26,7 @@ from signaling.registry import Registry
 from signaling.service import SignalingService, log_summary
 from signaling.settings import Settings
 from signaling.tokens import read_secret
+from signaling.turn import MAX_TTL, MIN_TTL, IceServers, check_uri, read_secrets
 from signaling.web import SignalingWeb, WebSocketTakeover
 
 _DEFAULTS = Settings()
@@ -61,6 +62,19 @@ def _prefix(value):
 
 
 _prefix.coerceDoc = ""  # type: ignore[attr-defined]
+
+
+def _ttl(value):
+    try:
+        ttl = int(value)
+    except ValueError:
+        raise ValueError(f"--turn-ttl must be a whole number of seconds, got {value!r}") from None
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise ValueError(f"--turn-ttl must be {MIN_TTL} to {MAX_TTL} seconds, got {value!r}")
+    return ttl
+
+
+_ttl.coerceDoc = ""  # type: ignore[attr-defined]
 
 
 def _positive(kind, name):
@@ -149,6 +163,11 @@ class SignalingOptions(usage.Options):
          "valid for longer are refused (HTTP 401).", _positive(float, "token-max-lifetime")],
         ["stats-token-file", None, None,
          "File with a bearer token that /api/stats then requires (else HTTP 401)."],
+        ["turn-secret-file", None, None,
+         "File with the secret shared with the TURN server (coturn's static-auth-secret), "
+         "one per line, the first one signing: needed with --turn; not readable by others."],
+        ["turn-ttl", None, 86400,
+         f"Seconds the TURN credentials handed out stay valid ({MIN_TTL} to {MAX_TTL}).", _ttl],
         ["redis", None, None,
          "redis://host:port/db: share peers with other nodes through Redis "
          "(default: this process only)."],
@@ -173,6 +192,8 @@ class SignalingOptions(usage.Options):
         super().__init__()
         self["origins"] = []
         self["stats-origins"] = []
+        self["stun"] = []
+        self["turn"] = []
         self["trusted-proxies"] = []
 
     def opt_origin(self, origin):
@@ -182,6 +203,26 @@ class SignalingOptions(usage.Options):
         Others are refused with HTTP 403.
         """
         self["origins"].append(origin.rstrip("/"))
+
+    def opt_stun(self, uri):
+        """
+        A STUN server for clients' ICE (stun:host[:port]); repeatable.  Sent
+        in every welcome and by /api/ice-servers.
+        """
+        try:
+            self["stun"].append(check_uri(uri, ("stun", "stuns")))
+        except ValueError as e:
+            raise usage.UsageError(f"--stun: {e}") from None
+
+    def opt_turn(self, uri):
+        """
+        A TURN server for clients' ICE (turn:host[:port][?transport=udp|tcp] or
+        turns:...), with credentials signed by --turn-secret-file; repeatable.
+        """
+        try:
+            self["turn"].append(check_uri(uri, ("turn", "turns")))
+        except ValueError as e:
+            raise usage.UsageError(f"--turn: {e}") from None
 
     def opt_stats_origin(self, origin):
         """
@@ -227,6 +268,16 @@ class SignalingOptions(usage.Options):
                 if self[name] != "none" and not self[name].startswith("tcp:"):
                     raise usage.UsageError(f"--reuse-port works with tcp: endpoints; --{name} is {self[name]!r}")
         self.token_secret = self._secret("token-secret-file")
+        self.turn_secrets = None
+        if self["turn-secret-file"] is not None:
+            if not self["turn"]:
+                raise usage.UsageError("--turn-secret-file is for --turn URIs: give at least one --turn")
+            try:
+                self.turn_secrets = read_secrets(self["turn-secret-file"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--turn-secret-file: {e}") from None
+        elif self["turn"]:
+            raise usage.UsageError("--turn needs --turn-secret-file (coturn's static-auth-secret)")
         stats_token = self._secret("stats-token-file")
         self.stats_token = stats_token.decode("utf-8", "replace") if stats_token else None
 
@@ -281,8 +332,13 @@ class Options(SignalingOptions):
             raise SystemExit(2) from None
 
 
-def make_factory(options: SignalingOptions, registry, reactor) -> SignalingFactory:
-    return SignalingFactory(registry, options.settings(), reactor)
+def make_ice_servers(options: SignalingOptions, reactor) -> IceServers:
+    return IceServers(reactor, options["stun"], options["turn"], options.turn_secrets or (), options["turn-ttl"])
+
+
+def make_factory(options: SignalingOptions, registry, reactor, ice_servers=None) -> SignalingFactory:
+    ice = make_ice_servers(options, reactor) if ice_servers is None else ice_servers
+    return SignalingFactory(registry, options.settings(), reactor, ice_servers=ice)
 
 
 def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedSite:
@@ -292,6 +348,9 @@ def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedS
         stats_token=options.stats_token,
         hide_ip=bool(options["stats-hide-ip"]),
         stats_origins=options["stats-origins"],
+        ice_servers=factory.ice_servers,
+        admission=factory.settings,
+        clock=reactor,
     )
     return GuardedSite(
         web.resource(), reactor,

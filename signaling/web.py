@@ -21,6 +21,7 @@ import re
 from datetime import datetime, timezone
 from importlib import resources
 from typing import Dict, List
+from uuid import uuid4
 
 from autobahn.twisted.resource import WebSocketResource
 from klein import Klein
@@ -29,12 +30,23 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from signaling._compat import untie_request
-from signaling.admission import origin_allowed
+from signaling.admission import Refused, authorize, client_address, host_of, origin_allowed, request_token
 from signaling.httpguard import GuardedChannel
+from signaling.limits import AddressBuckets, address_key
 from signaling.registry import IClusterRegistry
+from signaling.settings import Settings
+from signaling.turn import NO_ICE_SERVERS
 
 #: /api/health's status for each state of a cluster registry
 _HEALTH_STATUS = {"connected": "ok", "starting": "starting", "disconnected": "degraded"}
+
+
+#: requests for ICE servers per second from one address, on average, and at once
+ICE_SERVERS_RATE, ICE_SERVERS_BURST = 1.0, 10
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj).encode("utf-8")
 
 
 def iso_utc(seconds: float) -> str:
@@ -153,14 +165,27 @@ class SignalingWeb:
     :param hide_ip: show ``null`` instead of client addresses in the stats.
     :param stats_origins: browser origins (exact, or ``*``/``?`` patterns)
         allowed to read ``/api/stats`` from their pages (CORS); none by default.
+    :param ice_servers: what ``/api/ice-servers`` hands out
+        (:class:`~signaling.turn.IceServers`).
+    :param admission: the WebSocket side's :class:`~signaling.settings.Settings`:
+        ``/api/ice-servers`` follows the same Origin and token rules, and
+        counts clients by address the same way.
+    :param clock: ``seconds`` and ``callLater`` (token expiry, rate limits).
     """
 
     app = Klein()
     # werkzeug would answer //path with a redirect built from the Host header
     app.url_map.merge_slashes = False
 
-    def __init__(self, registry, ws_resource=None, stats_token=None, hide_ip=False, stats_origins=()):
+    def __init__(self, registry, ws_resource=None, stats_token=None, hide_ip=False, stats_origins=(),
+                 ice_servers=NO_ICE_SERVERS, admission=None, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.registry = registry
+        self.ice_servers = ice_servers
+        self.admission = Settings() if admission is None else admission
+        self.clock = clock
+        self._ice_buckets = AddressBuckets(clock, ICE_SERVERS_RATE, ICE_SERVERS_BURST)
         self.ws_resource = ws_resource
         self.stats_token = stats_token
         self.hide_ip = hide_ip
@@ -218,6 +243,43 @@ class SignalingWeb:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode("utf-8"), self.stats_token.encode("utf-8")
         )
+
+    @app.route("/api/ice-servers", methods=["GET", "HEAD"])
+    def ice(self, request):
+        """
+        ICE servers for a client that wants them before or without a
+        WebSocket (or fresh TURN credentials for a new call): the same list a
+        welcome carries, for the token's fixed peer id or a random one,
+        behind the WebSocket's Origin and token rules, and a rate limit per
+        address.
+        """
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Vary", b"Origin")
+        settings = self.admission
+        origin = (request.getHeader(b"origin") or b"").decode("latin-1")
+        ip = client_address(
+            host_of(request.getClientAddress()),
+            (request.getHeader(b"x-forwarded-for") or b"").decode("latin-1") or None,
+            settings.trusted_proxies,
+        )
+        if not self._ice_buckets.take(address_key(ip, settings.ipv6_prefix)):
+            request.setResponseCode(429)
+            request.setHeader(b"Retry-After", b"1")
+            return _json({"error": "too many requests for ICE servers from your address; try again"})
+        query_token = (request.args.get(b"token") or [b""])[0].decode("latin-1") or None
+        authorization = (request.getHeader(b"authorization") or b"").decode("latin-1") or None
+        try:
+            claims = authorize(settings, origin, request_token(query_token, authorization), self.clock.seconds())
+        except Refused as e:
+            request.setResponseCode(e.status)
+            if e.status == 401:
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="signaling"')
+            return _json({"error": e.reason})
+        if origin and settings.allowed_origins:  # a listed page may read it from another origin
+            request.setHeader(b"Access-Control-Allow-Origin", origin.encode("latin-1"))
+        user = (claims or {}).get("sub") or str(uuid4())
+        return _json({"iceServers": self.ice_servers.for_user(user), "ttl": self.ice_servers.ttl})
 
     @app.route("/api/health", methods=["GET", "HEAD"])
     def health(self, request):

@@ -92,7 +92,8 @@ class Harness:
         self.flush()
         if handshake:
             welcome = client.take()
-            assert welcome == [{"type": "welcome", "id": server.peer_id}], welcome
+            ice = self.factory.ice_servers.for_user(server.peer_id)
+            assert welcome == [{"type": "welcome", "id": server.peer_id, "iceServers": ice}], welcome
         return client
 
     def flush(self):

@@ -208,7 +208,7 @@ def test_fixed_id_while_its_handshake_is_under_way():
     assert refusal(h, url=url) == 409
     pending.release()
     h.flush()
-    assert first.take() == [{"type": "welcome", "id": "carol"}]
+    assert first.take() == [{"type": "welcome", "id": "carol", "iceServers": []}]
     assert h.factory.reserved == set()
 
 
