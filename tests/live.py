@@ -191,6 +191,7 @@ async def connect(url, **kwargs):
     welcome = await recv(ws)
     assert welcome["type"] == "welcome", welcome
     ws.peer_id = welcome["id"]
+    ws.welcome = welcome
     return ws
 
 

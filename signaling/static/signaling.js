@@ -14,7 +14,8 @@
 // "pong", "offer", "answer", "ice-candidate", "disconnect", "error"),
 // "incoming" (a peer's ping was accepted), "statechange" (call, connection,
 // ICE and data channel states), "channelopen", "channelclose", "chat",
-// "hangup" (with .reason), "close" (the WebSocket closed, with .code).
+// "hangup" (with .reason), "close" (the WebSocket closed, with .code),
+// "iceservers" (fresh TURN credentials were fetched).
 
 const TYPES = ["ping", "pong", "offer", "answer", "ice-candidate", "disconnect"];
 
@@ -23,11 +24,42 @@ export function defaultUrl(loc = globalThis.location) {
   return scheme + "//" + ((loc && loc.host) || "localhost:3000") + "/ws";
 }
 
+// Where fresh ICE servers come from for a WebSocket URL: /api/ice-servers on
+// the same host and port when the WebSocket is /ws on the HTTP port (with
+// the same access token), else nowhere (pass options.iceServersUrl).
+export function iceServersUrlFor(wsUrl) {
+  let u;
+  try { u = new URL(wsUrl); } catch (e) { return null; }
+  if (u.pathname !== "/ws") return null;
+  const http = new URL(u.href);
+  http.protocol = u.protocol === "wss:" ? "https:" : "http:";
+  http.pathname = "/api/ice-servers";
+  const token = u.searchParams.get("token");
+  http.search = token ? "?token=" + encodeURIComponent(token) : "";
+  return http.href;
+}
+
+// The expiry (unix seconds) of TURN credentials made as coturn checks them
+// ("<expiry>:<user>"), or Infinity when there are none.
+function iceExpiry(servers) {
+  let expiry = Infinity;
+  for (const s of servers) {
+    const m = typeof s.username === "string" && /^(\d+):/.exec(s.username);
+    if (m) expiry = Math.min(expiry, Number(m[1]));
+  }
+  return expiry;
+}
+
 export class SignalingClient extends EventTarget {
   /**
    * @param {string} url  WebSocket URL of the server (default: /ws on this host).
    * @param {object} options
-   *   iceServers: RTCIceServer list for RTCPeerConnection (default: []).
+   *   iceServers: RTCIceServer entries of your own, used besides the ones the
+   *     server sends in its welcome (default: []).
+   *   iceTransportPolicy: "all" (default) or "relay" (only TURN relays).
+   *   iceServersUrl: where to get fresh TURN credentials when the welcome's
+   *     have expired by the time a call starts (default: /api/ice-servers
+   *     beside a /ws URL; null: never refresh).
    *   autoAnswer: accept pings and answer offers by itself (default: true).
    *   confirmCall: optional (from) => boolean or Promise<boolean>, asked before
    *     an incoming call is accepted (e.g. a prompt for the user).
@@ -38,6 +70,9 @@ export class SignalingClient extends EventTarget {
     super();
     this.url = url;
     this.iceServers = options.iceServers || [];
+    this.iceTransportPolicy = options.iceTransportPolicy || "all";
+    this.iceServersUrl = options.iceServersUrl !== undefined ? options.iceServersUrl : iceServersUrlFor(url);
+    this.serverIceServers = [];  // from the welcome, or /api/ice-servers
     this.autoAnswer = options.autoAnswer !== undefined ? options.autoAnswer : true;
     this.confirmCall = options.confirmCall || null;
     this.channelLabel = options.channelLabel || "chat";
@@ -71,6 +106,7 @@ export class SignalingClient extends EventTarget {
         if (msg.type === "welcome" && !welcomed) {
           welcomed = true;
           this.id = msg.id;
+          this.serverIceServers = Array.isArray(msg.iceServers) ? msg.iceServers : [];
           resolve(msg.id);
         }
         this._onMessage(msg);
@@ -136,6 +172,7 @@ export class SignalingClient extends EventTarget {
       throw new Error(msg.code + ": " + msg.message);
     }
     this._setCallState("in-call");
+    await this._freshIceServers();
     const pc = this._newPeerConnection(peerId);
     this._useChannel(pc.createDataChannel(this.channelLabel));
     const offer = await pc.createOffer();
@@ -151,6 +188,31 @@ export class SignalingClient extends EventTarget {
       this.disconnect(peer, { reason: reason });
     }
     this._closeCall(reason, true);
+  }
+
+  /**
+   * The candidate pair the call's ICE selected, from getStats(): {local,
+   * remote}, each {type: "host"|"srflx"|"prflx"|"relay", protocol, address,
+   * port}; null before one is selected.
+   */
+  async selectedPair() {
+    if (!this.pc) return null;
+    const stats = await this.pc.getStats();
+    let pair = null;
+    stats.forEach((s) => {
+      if (s.type === "transport" && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+    });
+    if (!pair) {
+      stats.forEach((s) => {
+        if (s.type === "candidate-pair" && s.state === "succeeded" && (s.nominated || s.selected)) pair = s;
+      });
+    }
+    if (!pair) return null;
+    const side = (id) => {
+      const c = stats.get(id) || {};
+      return { type: c.candidateType, protocol: c.protocol, address: c.address || c.ip, port: c.port };
+    };
+    return { local: side(pair.localCandidateId), remote: side(pair.remoteCandidateId) };
   }
 
   /** Send text over the data channel. */
@@ -241,6 +303,7 @@ export class SignalingClient extends EventTarget {
   async _onOffer(msg) {
     if (msg.from !== this.peerId || !this.autoAnswer) return;
     if (this.pc) this._closePeerConnection();
+    await this._freshIceServers();
     const pc = this._newPeerConnection(msg.from);
     await pc.setRemoteDescription({ type: "offer", sdp: msg.data.sdp });
     await this._flushCandidates();
@@ -275,8 +338,26 @@ export class SignalingClient extends EventTarget {
     this._closeCall(reason, true);
   }
 
+  // Fresh TURN credentials for a call starting after the welcome's expired
+  // (with a margin of a minute).  Keeps the old ones if the refresh fails.
+  async _freshIceServers() {
+    if (!this.iceServersUrl || iceExpiry(this.serverIceServers) > Date.now() / 1000 + 60) return;
+    try {
+      const response = await fetch(this.iceServersUrl, { cache: "no-store" });
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      const doc = await response.json();
+      this.serverIceServers = doc.iceServers || [];
+      this._emit("iceservers", { iceServers: this.serverIceServers, ttl: doc.ttl });
+    } catch (e) {
+      this._emit("error", { type: "error", code: "ice-servers", message: "refreshing ICE servers failed: " + e.message });
+    }
+  }
+
   _newPeerConnection(peerId) {
-    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    const pc = new RTCPeerConnection({
+      iceServers: this.iceServers.concat(this.serverIceServers),
+      iceTransportPolicy: this.iceTransportPolicy,
+    });
     this.pc = pc;
     pc.onicecandidate = (ev) => {
       if (ev.candidate && this.pc === pc && this.ws && this.ws.readyState === WebSocket.OPEN) {
