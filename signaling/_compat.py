@@ -109,6 +109,21 @@ def drop_handshake_state(proto) -> None:
     proto.__dict__ = dict(attrs)
 
 
+def closed_by_peer(proto) -> bool:
+    """
+    Whether the peer itself started the close with a close frame (it chose
+    to go), rather than the connection being lost or this server closing it.
+    Relies on ``remoteCloseCode`` (the code of a close frame received) and
+    ``closedByMe`` (this side started the closing handshake).
+    """
+    return proto.remoteCloseCode is not None and not proto.closedByMe
+
+
+def failed_by_us(proto) -> bool:
+    """Whether this side failed the connection for a protocol error (``failedByMe``)."""
+    return bool(proto.failedByMe)
+
+
 def forget_closed_deferred(proto) -> None:
     """
     Autobahn resolves ``is_closed`` with the protocol itself: a reference

@@ -51,6 +51,12 @@ class RateLimited(SignalingError):
     code = "rate-limited"
 
 
+class QueueFull(SignalingError):
+    """The recipient is in its grace period and its queue is full: the message was not kept."""
+
+    code = "queue-full"
+
+
 class Unavailable(SignalingError):
     """The shared state of a cluster (Redis) is unreachable: nothing was done; try again."""
 
@@ -83,6 +89,10 @@ BINARY_FRAME = "binary frames are not accepted; send JSON as text frames"
 NOT_DELIVERED = "that peer is going away; the message was not delivered"
 SERVER_FAULT = "the server failed to handle this message"
 CLUSTER_UNREACHABLE = "the signaling cluster's state (Redis) is unreachable; try again"
+QUEUE_IS_FULL = "that peer is reconnecting and too many messages already wait for it; this one was dropped"
+
+#: what a delivery answers when the recipient's grace queue is full (besides True and False)
+QUEUE_FULL = "queue-full"
 
 
 def refusal(name: str) -> SignalingError:

@@ -86,7 +86,7 @@ class FrameGuard:
         self.transport.pauseProducing()
         self.factory.held.hold(self)
 
-    def _resume(self) -> None:
+    def _resume_reading(self) -> None:
         data, self._held = self._held, None
         if data is None or self._discard or self.state != _compat.STATE_OPEN:
             return
@@ -217,7 +217,7 @@ class HeldConnections:
         clock = self._clock
         deadline = clock.seconds() + self.slice
         for _ in range(len(held)):
-            held.popleft()._resume()
+            held.popleft()._resume_reading()
             if not held or clock.seconds() >= deadline:
                 break
         if held and self._resuming is None:

@@ -151,8 +151,8 @@ def encode(obj: Any) -> bytes:
         return _dumps_ascii(obj).encode("ascii")
 
 
-def welcome(peer_id: str, ice_servers: list) -> dict:
-    return {"type": "welcome", "id": peer_id, "iceServers": ice_servers}
+def welcome(peer_id: str, ice_servers: list, resume: str, resumed: bool) -> dict:
+    return {"type": "welcome", "id": peer_id, "iceServers": ice_servers, "resume": resume, "resumed": resumed}
 
 
 def relay(kind: str, sender: Optional[str], data: Any) -> dict:

@@ -19,6 +19,8 @@ Registry operations may answer with a ``Deferred`` (see
 then run one after another, in the order their frames arrived.
 """
 
+import itertools
+import os
 from collections import deque
 from typing import Any, Dict, Optional, Set
 
@@ -33,7 +35,15 @@ from signaling import _compat, messages
 from signaling._compat import ClockTimer
 from signaling._tcp import unsent_bytes, write
 from signaling.admission import Refused, authorize, client_address, host_of, is_trusted_proxy, request_token
-from signaling.errors import BINARY_FRAME, NOT_DELIVERED, SERVER_FAULT, PeerIdTaken, SignalingError
+from signaling.errors import (
+    BINARY_FRAME,
+    NOT_DELIVERED,
+    QUEUE_FULL,
+    QUEUE_IS_FULL,
+    SERVER_FAULT,
+    PeerIdTaken,
+    SignalingError,
+)
 from signaling.fastpath import FastPath
 from signaling.frameguard import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG, FrameGuard, HeldConnections
 from signaling.framing import text_frame
@@ -41,7 +51,9 @@ from signaling.limits import ConnectionCounts, LogBudget, TokenBucket, address_k
 from signaling.registry import IClusterRegistry, ILocalPeers
 from signaling.results import is_deferred, then
 from signaling.safetext import SafeLogger, safe, txaio_off
+from signaling.sessions import MOVED, NEW, RESUMED, ISessions, LocalSessions
 from signaling.settings import Settings
+from signaling.tokens import make_resume_token, verify_resume_token
 from signaling.turn import NO_ICE_SERVERS
 from signaling.writes import WriteBatch
 
@@ -80,6 +92,9 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     _key: Optional[str] = None  # the per-address key it is counted under
     _fixed_id: Optional[str] = None
     _replaces = None  # the older connection holding our fixed id, which we take over
+    conn_id = ""  # names this connection in the registry (see IRegistry.remove)
+    _resume_id: Optional[str] = None  # the id a valid resume token asks back
+    _welcomed = False  # its session has begun (a lost socket then puts it in grace)
     _reserving = False  # holds the reservation of its fixed id (until it has joined or closed)
     _errors = None  # LogBudget of this peer's error lines, made at its first error
 
@@ -108,15 +123,19 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             claims = authorize(settings, request.origin, token, factory.clock.seconds())
         except Refused as e:
             self._deny(e.status, e.reason)
-        if claims is not None:
-            fixed = claims.get("sub")
-            if fixed is not None:
-                if fixed in factory.reserved:  # another handshake with that id is under way
-                    self._deny(409, "that peer id is already connecting")
+        fixed = claims.get("sub") if claims is not None else None
+        resume = factory.resume_id((request.params.get("resume") or [None])[0])
+        if fixed is not None and resume is not None and resume != fixed:
+            resume = None  # a token for another id than the access token fixes: not resumed
+        self._resume_id = resume
+        if fixed is not None:
+            if fixed in factory.reserved:  # another handshake with that id is under way
+                self._deny(409, "that peer id is already connecting")
+            if resume is None:  # (resuming keeps the older connection's session instead)
                 self._replaces = factory.connections.get(fixed)
-                self._fixed_id = fixed
-                self._reserving = True
-                factory.reserved.add(fixed)
+            self._fixed_id = fixed
+            self._reserving = True
+            factory.reserved.add(fixed)
         return None
 
     def dataReceived(self, data):
@@ -175,7 +194,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
 
     def onOpen(self):
         factory = self.factory
-        self.peer_id = self._fixed_id or factory.new_id()
+        self.peer_id = self._resume_id or self._fixed_id or factory.new_id()
+        self.conn_id = factory.new_conn_id()
         self.connected_at = factory.clock.seconds()
         self.closed = Deferred()
         self._bucket = TokenBucket(
@@ -188,7 +208,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         if self._replaces is not None:
             older, self._replaces = self._replaces, None
             self._enqueue(factory.take_over, older)
-        self._enqueue(self._join)
+        self._enqueue(self._resume_session if self._resume_id is not None else self._join)
 
     def _handle(self, payload, isBinary):
         """Parse one message that passed the rate limit, and queue its operation."""
@@ -214,7 +234,18 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             return  # the opening handshake never completed
         peer_id = self.peer_id
         self.peer_id = None
-        self._enqueue(self.factory.leave, self, peer_id, wasClean, code)
+        if (
+            self._welcomed and self.factory.settings.resume_grace > 0
+            and not _compat.closed_by_peer(self) and not _compat.failed_by_us(self)
+        ):
+            # lost without a close frame from it (a reset, a timeout, a network
+            # change, this server going away): it may resume.  (A peer that
+            # closed, or broke the protocol, ends its session at once.)
+            # (at once, not after the operations it has pending: what is sent
+            # to it from now on must be kept for it, not written to a dead socket)
+            self.factory.suspend(self, peer_id, code)
+        else:
+            self._enqueue(self.factory.leave, self, peer_id, wasClean, code)
 
     def leave_now(self, code: int):
         """
@@ -396,13 +427,45 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         self.close(CLOSE_POLICY_VIOLATION, "peer id already connected")
         return None
 
-    def _welcome(self, _):
+    def _resume_session(self):
+        """
+        Take back the session a resume token names: in its grace period (its
+        queued messages follow the welcome, in order), still held by an older
+        connection (which this one replaces), or, if it is gone, the same id
+        afresh if it is free.  Otherwise a fresh id, as without a token.
+        """
+        result = self.factory.resume(self)
+        if is_deferred(result):
+            return result.addCallbacks(self._resumed, self._join_failed)
+        return self._resumed(result)
+
+    def _resumed(self, outcome):
+        if self.peer_id is None:
+            return None  # it closed meanwhile (its close ends what it took back)
+        if outcome is None:  # the id is someone else's now: a fresh one
+            self._log.info("peer {peer}'s resume token names a taken id: a fresh id", peer=self.peer_id)
+            self.factory.unreserve(self)
+            self.peer_id = self.factory.new_id()
+            return self._join()
+        resumed, queued = outcome
+        self._welcome(None, resumed)
+        for payload in queued:
+            self.send(payload)
+        return None
+
+    def _welcome(self, _, resumed: bool = False):
         self.factory.unreserve(self)
         if self.factory.shutting_down:
             self.close(CLOSE_GOING_AWAY, "server shutting down")
             return
+        peer_id = self.peer_id
+        if peer_id is None:
+            return  # it closed meanwhile
+        self._welcomed = True
         factory = self.factory
-        self.send(messages.encode(messages.welcome(self.peer_id, factory.ice_servers.for_user(self.peer_id))))
+        self.send(messages.encode(messages.welcome(
+            peer_id, factory.ice_servers.for_user(peer_id), factory.resume_token(peer_id), resumed
+        )))
 
     def _process(self, message: messages.Message, size: int):
         factory = self.factory
@@ -455,8 +518,11 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         return self._relayed(delivered, message, sender, size)
 
     def _relayed(self, delivered, message: messages.Message, sender: Optional[str], size: int) -> None:
-        if not delivered:
-            self._error("peer-not-found", NOT_DELIVERED, message.type)
+        if delivered is not True:
+            if delivered == QUEUE_FULL:
+                self._error("queue-full", QUEUE_IS_FULL, message.type)
+            else:
+                self._error("peer-not-found", NOT_DELIVERED, message.type)
             return
         if self.factory.settings.log_relays:
             self._log.info(
@@ -490,6 +556,19 @@ class SignalingFactory(WebSocketServerFactory):
         self.registry = registry
         self.settings = settings
         self.ice_servers = ice_servers  # what each welcome carries
+        self._own_secret = os.urandom(32)  # (see resume_secret)
+        # the peers in grace: in the shared registry (any node may resume
+        # them), else in this process
+        self._local_sessions: Optional[LocalSessions] = None
+        self.sessions: ISessions
+        if IClusterRegistry.providedBy(registry):
+            self.sessions = registry
+        else:
+            self.sessions = self._local_sessions = LocalSessions(
+                registry, clock, settings.resume_grace, settings.resume_queue, self._expired
+            )
+        self._conn_ids = itertools.count(1)
+        self._conn_prefix = os.urandom(3).hex()
         self.clock = clock
         if new_id is None:
             from uuid import uuid4
@@ -616,7 +695,7 @@ class SignalingFactory(WebSocketServerFactory):
         if peer_id is None:
             return None  # (it closed before joining)
         self.connections[peer_id] = proto
-        result = self.registry.add(peer_id, proto.ip)
+        result = self.registry.add(peer_id, proto.ip, proto.conn_id)
         self._log.info("peer {peer} connected from {ip}", peer=peer_id, ip=proto.ip)
         return result
 
@@ -630,7 +709,7 @@ class SignalingFactory(WebSocketServerFactory):
             code=code,
             how="clean" if clean else "not clean",
         )
-        result = then(self.registry.remove(peer_id), lambda t: self._left(peer_id, t))
+        result = then(self.registry.remove(peer_id, proto.conn_id), lambda t: self._left(peer_id, t))
         if is_deferred(result):
             result.addErrback(
                 lambda f: self._log.warn("peer {peer} not removed from the registry: {why}",
@@ -651,8 +730,123 @@ class SignalingFactory(WebSocketServerFactory):
         return DeferredList(pending) if pending else None
 
     def _told(self, delivered, gone: str, to: str) -> None:
-        if delivered:
+        if delivered is True:
             self._log.info("peer_left {gone} -> {to}", gone=gone, to=to)
+
+    # -- sessions that outlive their socket (resume) -------------------------------
+
+    def new_conn_id(self) -> str:
+        """A name for a new connection, unique among this process's (and, with the node id, the cluster's)."""
+        return f"{self._conn_prefix}.{next(self._conn_ids)}"
+
+    @property
+    def resume_secret(self) -> bytes:
+        """
+        What signs resume tokens: ``--resume-secret-file`` (or derived from
+        the access-token secret); else, in a cluster, the one shared through
+        Redis; else one for this process only.
+        """
+        if self.settings.resume_secret is not None:
+            return self.settings.resume_secret
+        if IClusterRegistry.providedBy(self.registry) and self.registry.resume_secret is not None:
+            return self.registry.resume_secret
+        return self._own_secret
+
+    def resume_id(self, token: Optional[str]) -> Optional[str]:
+        """The peer id a resume token (``?resume=``) names, if this server signed it."""
+        return verify_resume_token(self.resume_secret, token) if token else None
+
+    def resume_token(self, peer_id: str) -> str:
+        """The token a welcome carries for ``peer_id`` to resume with."""
+        return make_resume_token(self.resume_secret, peer_id)
+
+    def suspend(self, proto: SignalingServerProtocol, peer_id: str, code) -> None:
+        """
+        ``proto``'s socket was lost without a close frame from the peer: keep
+        its session (id, state, partner) for the grace period, queue what is
+        sent to it, and remove it only when the period ends without a resume.
+        """
+        if self.connections.get(peer_id) is proto:
+            del self.connections[peer_id]
+        self._log.info(
+            "peer {peer} ({ip}) lost its connection (close code {code}): in grace for {grace}s",
+            peer=peer_id, ip=proto.ip, code=code, grace=self.settings.resume_grace,
+        )
+        result = self.sessions.suspend(peer_id, proto.conn_id, proto.ip)
+        if is_deferred(result):
+            result.addBoth(_firing, proto.closed)
+        else:
+            _fire(proto.closed)
+
+    def _expired(self, session) -> None:
+        """A peer in grace here did not resume in time: removed, as when it leaves."""
+        self._log.info(
+            "peer {peer} ({ip}) did not resume within {grace}s: removed ({queued} queued messages dropped)",
+            peer=session.peer_id, ip=session.ip, grace=self.settings.resume_grace, queued=len(session.queue),
+        )
+        result = then(self.registry.remove(session.peer_id), lambda t: self._left(session.peer_id, t))
+        if is_deferred(result):
+            result.addErrback(lambda f: self._log.warn("peer {peer} not removed from the registry: {why}",
+                                                       peer=session.peer_id, why=f.getErrorMessage()))
+
+    def resume(self, proto: SignalingServerProtocol):
+        """
+        ``proto`` presented a valid resume token for ``proto.peer_id``:
+        ``(True, queued frames)`` if it takes a session back (in grace, or
+        still held by an older connection, which it replaces);
+        ``(False, [])`` if the id was free and is now its own afresh; None if
+        the id is someone else's.  (Or a Deferred of that.)
+        """
+        peer_id = proto.peer_id
+        if peer_id is None:
+            return None  # (it closed before resuming)
+        older = self.connections.get(peer_id)
+        if older is not None and older is not proto:
+            # the same peer on a newer connection (say, after a network
+            # change) before its older socket was found dead: the session moves
+            self._log.info("peer {peer} resumed on a newer connection from {ip}", peer=peer_id, ip=proto.ip)
+            proto.conn_id = older.conn_id  # (the registry knows the session by it)
+            self._evict(older, "resumed on a newer connection")
+            self.connections[peer_id] = proto
+            return True, []
+
+        def outcome(found):
+            if found is None:
+                return None
+            kind, queued = found
+            self.connections[peer_id] = proto
+            if kind == RESUMED:
+                self._log.info("peer {peer} resumed from {ip} ({queued} queued messages)",
+                               peer=peer_id, ip=proto.ip, queued=len(queued))
+                return True, queued
+            if kind == MOVED:
+                self._log.info("peer {peer} resumed from {ip}; its older connection is closed",
+                               peer=peer_id, ip=proto.ip)
+                return True, queued
+            assert kind == NEW
+            self._log.info("peer {peer} came back from {ip} after its session ended: the same id, idle",
+                           peer=peer_id, ip=proto.ip)
+            return False, []
+
+        return then(self.sessions.resume(peer_id, proto.ip, proto.connected_at, proto.conn_id), outcome)
+
+    def evict(self, peer_id: str, conn: Optional[str]) -> None:
+        """
+        ``peer_id`` resumed on another node: close its connection here (if
+        ``conn`` still holds it; any, if None) without ending the session.
+        """
+        proto = self.connections.get(peer_id)
+        if proto is not None and (conn is None or proto.conn_id == conn):
+            self._log.info("peer {peer} resumed on another node: its connection here is closed", peer=peer_id)
+            self._evict(proto, "resumed on another connection")
+
+    def _evict(self, older: SignalingServerProtocol, reason: str) -> None:
+        if older.peer_id is not None and self.connections.get(older.peer_id) is older:
+            del self.connections[older.peer_id]
+        older.peer_id = None  # its close must not end the session it no longer holds
+        older.close(CLOSE_REPLACED, reason)
+        older.transport.loseConnection()
+        _fire(older.closed)
 
     # -- delivery -----------------------------------------------------------
 
@@ -665,6 +859,10 @@ class SignalingFactory(WebSocketServerFactory):
         proto = self.connections.get(to)
         if proto is not None:
             return proto.send(payload)
+        if self._local_sessions is not None:
+            held = self._local_sessions.hold(to, payload)
+            if held is not None:  # in its grace period: kept for it, or its queue is full
+                return True if held else QUEUE_FULL
         if IClusterRegistry.providedBy(self.registry):
             return self.registry.route(to, payload)
         return False
@@ -675,8 +873,8 @@ class SignalingFactory(WebSocketServerFactory):
         return proto is not None and proto.send(payload)
 
     def local_peers(self):
-        """(id, ip, connected_at) of every open connection of this process."""
-        return [(p.peer_id, p.ip, p.connected_at) for p in list(self.connections.values())]
+        """(id, ip, connected_at, conn) of every open connection of this process."""
+        return [(p.peer_id, p.ip, p.connected_at, p.conn_id) for p in list(self.connections.values())]
 
     def log_transitions(self, transitions) -> None:
         for t in transitions:

@@ -18,11 +18,26 @@ re-registers its peers at once.
 
 Keys (``P`` is the prefix, ``signaling:`` by default):
 
-- ``P peers``: hash, peer id -> JSON ``{"n": node, "ip", "at", "s": state, "t": target}``;
+- ``P peers``: hash, peer id -> JSON ``{"n": node, "ip", "at", "s": state,
+  "t": target, "c": connection}``, and ``"o": 0`` while in its grace period;
 - ``P watch:<id>``: set of the peers whose target is ``<id>``;
-- ``P node:<node>``: set of the peers connected to ``<node>``;
+- ``P node:<node>``: set of the (online) peers connected to ``<node>``;
 - ``P nodes``: sorted set, node -> time of its last heartbeat (Redis clock, ms);
-- channel ``P to:<node>``: messages for peers on ``<node>``, as ``<peer id>\\n<frame>``.
+- ``P grace``: sorted set, peer id -> end of its grace period (Redis clock, ms);
+- ``P q:<id>``: list, the frames queued for a peer in its grace period;
+- ``P resume-secret``: the secret of resume tokens, if no node has its own;
+- channel ``P to:<node>``: messages for peers on ``<node>``, as
+  ``<peer id>\\n<frame>``, and the control messages ``<peer id>\\n!evict:<conn>``
+  (it resumed elsewhere: close that connection without ending the session)
+  and ``<peer id>\\n!settled:<conn>`` (its grace period began: every message
+  published to this node for it before then has arrived).
+
+Resume: a peer whose socket was lost is put in its grace period (not on
+any node, in ``P grace``); messages to it are queued; a connection to any
+node that presents its resume token takes it back (``resume.lua``); the
+node that suspended it ends the period when due (``expire.lua``), and the
+reaper does it for nodes that died.  The peers of a dead node get their
+grace period too.
 
 Not for Redis Cluster: the scripts touch keys they compute.
 """
@@ -42,9 +57,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from signaling.errors import CLUSTER_UNREACHABLE, PeerIdTaken, SignalingError, Unavailable, refusal
+from signaling.errors import CLUSTER_UNREACHABLE, QUEUE_FULL, PeerIdTaken, SignalingError, Unavailable, refusal
 from signaling.registry import IClusterRegistry, ILocalPeers, IRegistry, Peer, Transition
 from signaling.results import then
+from signaling.sessions import MOVED, NEW, RESUMED, ISessions
 
 
 def load_scripts() -> dict:
@@ -66,6 +82,13 @@ def _text(value):
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+def _delivered(receivers):
+    """What a delivery answers for what ``send()`` in the scripts answered."""
+    if receivers == -2:
+        return QUEUE_FULL
+    return receivers > 0
+
+
 def _transitions(reply):
     """Turn a script's reply into transitions, or raise the refusal it names."""
     reply = [_text(x) for x in reply]
@@ -77,25 +100,34 @@ def _transitions(reply):
     ]
 
 
-@implementer(IRegistry)
+@implementer(IRegistry, ISessions)
 class RedisRules:
     """
-    The pairing rules as the Lua scripts apply them in Redis, over any way
-    of running a script: ``execute(name, *args)`` runs ``SCRIPTS[name]``
-    with ``ARGV`` = (prefix, *args) and returns its reply, or a Deferred of
-    it (:class:`RedisRegistry` uses txredisapi; the tests also use a
-    blocking client, to hold both registries to one behaviour suite).
+    The pairing rules and sessions as the Lua scripts apply them in Redis,
+    over any way of running a script: ``execute(name, *args)`` runs
+    ``SCRIPTS[name]`` with ``ARGV`` = (prefix, *args) and returns its
+    reply, or a Deferred of it (:class:`RedisRegistry` uses txredisapi; the
+    tests also use a blocking client, to hold both registries to one
+    behaviour suite).
 
     :param node: the node whose peers :meth:`add` registers.
     :param clock: ``seconds()`` for the time a peer arrived.
+    :param grace: seconds a peer whose socket was lost stays in its grace period.
+    :param queue_limit: frames queued for a peer in its grace period, at most.
     """
 
-    def __init__(self, execute, node: str, clock):
-        self._execute = execute
+    def __init__(self, execute, node: str, clock, grace: float = 15.0, queue_limit: int = 256):
+        self._run_script = execute
         self.node = node
         self.clock = clock
+        self.grace = grace
+        self.queue_limit = queue_limit
+        self._settings = (str(queue_limit), str(int(grace * 1000)))
 
-    def add(self, peer_id, ip):
+    def _execute(self, name, *args):
+        return self._run_script(name, *self._settings, *args)
+
+    def add(self, peer_id, ip, conn=""):
         at = self.clock.seconds()
 
         def added(reply):
@@ -103,10 +135,10 @@ class RedisRules:
                 raise PeerIdTaken(peer_id)
             return Peer(peer_id, ip, at, self.node)
 
-        return then(self._execute("add", peer_id, self.node, ip, repr(at)), added)
+        return then(self._execute("add", peer_id, self.node, ip, repr(at), conn), added)
 
-    def remove(self, peer_id):
-        return then(self._execute("remove", peer_id), _transitions)
+    def remove(self, peer_id, conn=""):
+        return then(self._execute("remove", peer_id, self.node, conn), _transitions)
 
     def ping(self, sender, to):
         return then(self._execute("ping", sender, to), _transitions)
@@ -130,13 +162,53 @@ class RedisRules:
         def routed(reply):
             if _text(reply[0]) != "":
                 _transitions(reply)  # raises the refusal
-            return reply[1] > 0
+            return _delivered(reply[1])
 
         return then(self._execute("check_and_route", sender, to, frame.decode("utf-8")), routed)
 
     def route(self, to, frame: bytes):
-        """Publish a frame for a peer on another node; answers whether a node took it."""
-        return then(self._execute("route", to, frame.decode("utf-8")), lambda receivers: receivers > 0)
+        """
+        Publish a frame for a peer on another node, or queue it for a peer in
+        its grace period; answers whether a node took it (or the queue), or
+        ``QUEUE_FULL``.
+        """
+        return then(self._execute("route", to, frame.decode("utf-8")), _delivered)
+
+    # -- sessions (resume) ---------------------------------------------------------
+
+    def suspend(self, peer_id, conn, ip):
+        """
+        Begin ``peer_id``'s grace period if ``conn`` on this node still
+        holds it; answers its deadline (Redis clock, ms), or 0 if not.
+        """
+        return self._execute("suspend", peer_id, self.node, conn)
+
+    def resume(self, peer_id, ip, at, conn):
+        def outcome(reply):
+            kind = _text(reply[0])
+            frames = [f if isinstance(f, bytes) else f.encode("utf-8") for f in reply[1:]]
+            return {"resumed": RESUMED, "moved": MOVED, "new": NEW}[kind], frames
+
+        return then(self._execute("resume", peer_id, self.node, ip, repr(at), conn), outcome)
+
+    def expire(self, peer_id, conn):
+        """
+        End the grace period that the loss of ``conn`` began: the peer is
+        removed, its watchers get ``peer_left``.  Answers how many queued
+        frames were dropped, or -1 if the peer is not in that grace period
+        any more (it resumed).
+        """
+        return self._execute("expire", peer_id, conn)
+
+    def forward(self, peer_id, frames, front=False):
+        """
+        Pass on frames that reached this node for a peer no longer connected
+        to it: queued if it is in grace (``front``: before those already
+        queued), published to its node if it is on another one.  Answers
+        how many were passed on.
+        """
+        return self._execute("forward", peer_id, self.node, "1" if front else "0",
+                             *[f.decode("utf-8") for f in frames])
 
     def peers(self):
         return then(self._execute("peers"), _peers)
@@ -158,6 +230,7 @@ def _peers(flat):
         peer = Peer(_text(flat[i]), info["ip"], float(info["at"]), info["n"])
         peer.state = info["s"]
         peer.target = info["t"] or None
+        peer.online = info.get("o") != 0
         out.append(peer)
     return out
 
@@ -205,7 +278,23 @@ class _PoolFactory(txredisapi.RedisFactory):
 STARTING, CONNECTED, DISCONNECTED = "starting", "connected", "disconnected"
 
 
-@implementer(IClusterRegistry)
+class _Limbo:
+    """
+    Frames that reach this node for a peer between the loss of its socket
+    and the moment Redis has put it in grace (``!settled``): queued again
+    in front of what Redis queued after.
+    """
+
+    __slots__ = ("conn", "frames", "done", "timer")
+
+    def __init__(self, conn: str):
+        self.conn = conn
+        self.frames: list = []
+        self.done: defer.Deferred = defer.Deferred()
+        self.timer = None
+
+
+@implementer(IClusterRegistry, ISessions)
 class RedisRegistry(RedisRules, Service):
     """
     The registry shared by the nodes: :class:`RedisRules` run through a
@@ -219,6 +308,8 @@ class RedisRegistry(RedisRules, Service):
         peers are removed.
     :param op_timeout: seconds an operation may wait for Redis.
     :param reactor: what connects to Redis (the global reactor by default).
+    :param grace: seconds a peer whose socket was lost may resume in.
+    :param queue_limit: frames queued for a peer in its grace period, at most.
 
     The node is :attr:`ready` (peers may be admitted) once it is registered:
     its channel subscribed, its heartbeat recorded and its peers in Redis.
@@ -228,8 +319,9 @@ class RedisRegistry(RedisRules, Service):
 
     _log = Logger()
 
-    def __init__(self, url, node, clock, node_timeout=10.0, prefix="signaling:", op_timeout=5.0, reactor=None):
-        RedisRules.__init__(self, self._run, node, clock)
+    def __init__(self, url, node, clock, node_timeout=10.0, prefix="signaling:", op_timeout=5.0, reactor=None,
+                 grace=15.0, queue_limit=256):
+        RedisRules.__init__(self, self._run, node, clock, grace, queue_limit)
         self.url = url
         self.reactor = clock if reactor is None else reactor
         self.node_timeout = node_timeout
@@ -246,6 +338,11 @@ class RedisRegistry(RedisRules, Service):
         self._waiting_ready = []
         self._beat = LoopingCall(self._heartbeat)
         self._beat.clock = clock
+        #: the cluster's resume secret (shared through Redis), once registered
+        self.resume_secret = None
+        self._limbo = {}  # peer id -> _Limbo, while its suspension settles
+        self._expiries = {}  # (peer id, conn) -> the timer that ends that grace period
+        self._resuming = {}  # peer id -> _Limbo, while its resume script runs
 
     def attach(self, local) -> None:
         """Deliver to, and register, the peers of ``local`` (an :class:`~signaling.registry.ILocalPeers`)."""
@@ -296,6 +393,10 @@ class RedisRegistry(RedisRules, Service):
         super().stopService()
         if self._beat.running:
             self._beat.stop()
+        for timer in self._expiries.values():
+            if timer.active():
+                timer.cancel()  # (the other nodes' reapers end those periods)
+        self._expiries.clear()
         d = defer.gatherResults(
             [self._pool_factory.disconnect(), self._subscriber.disconnect()], consumeErrors=True
         )
@@ -325,6 +426,9 @@ class RedisRegistry(RedisRules, Service):
             self.state == STARTING and self.clock.seconds() - self.state_since >= self.node_timeout
         ):
             self._set_state(DISCONNECTED)
+
+    def _got_secret(self, secret):
+        self.resume_secret = _text(secret).encode("ascii")
 
     def _set_state(self, state, sync=None):
         if state == self.state:
@@ -392,10 +496,11 @@ class RedisRegistry(RedisRules, Service):
             self._lost()
             return None
         if self.state == CONNECTED:
-            d = self._run("heartbeat", self.node).addCallback(self._beaten)
+            d = self._execute("heartbeat", self.node).addCallback(self._beaten)
         else:
-            d = self._sync().addCallback(lambda result: self._set_state(CONNECTED, result))
-        d.addCallback(lambda _: self._run("reap", str(int(self.node_timeout * 1000)), self.node))
+            d = self._execute("secret", os.urandom(32).hex()).addCallback(self._got_secret)
+            d.addCallback(lambda _: self._sync()).addCallback(lambda result: self._set_state(CONNECTED, result))
+        d.addCallback(lambda _: self._execute("reap", str(int(self.node_timeout * 1000)), self.node))
         d.addCallback(self._reaped)
         d.addErrback(lambda f: None)  # logged by _run; the next beat retries
 
@@ -424,26 +529,136 @@ class RedisRegistry(RedisRules, Service):
             )
         return None
 
-    def _reaped(self, removed):
-        if removed:
+    def _reaped(self, reply):
+        graced, removed = reply[0], reply[1:]
+        if graced:
             self._log.warn(
-                "redis: removed {count} peers of nodes silent for over {timeout}s",
-                count=len(removed), timeout=self.node_timeout,
+                "redis: {count} peers of nodes silent for over {timeout}s are in grace for {grace}s",
+                count=graced, timeout=self.node_timeout, grace=self.grace,
+            )
+        if removed:
+            self._log.info(
+                "redis: removed {count} peers (their node was silent, or their grace period ended)",
+                count=len(removed),
             )
 
     def _sync(self):
         """Record the heartbeat and make Redis hold exactly this node's live peers."""
         args = []
-        for peer_id, ip, at in self._local.local_peers():
-            args += [peer_id, ip, repr(at)]
-        return self._run("sync", self.node, *args)
+        for peer_id, ip, at, conn in self._local.local_peers():
+            args += [peer_id, ip, repr(at), conn]
+
+        def synced(reply):
+            stale = [_text(x) for x in reply[2:]]
+            for peer_id in stale:  # resumed elsewhere while this node was cut off
+                self._local.evict(peer_id, None)
+            return reply[0], reply[1]
+
+        return self._execute("sync", self.node, *args).addCallback(synced)
+
+    # -- sessions (resume) ---------------------------------------------------------
+
+    def suspend(self, peer_id, conn, ip):
+        """
+        As :meth:`RedisRules.suspend`; frames that reach this node for the
+        peer until Redis has put it in grace are held and queued again, in
+        front (see :class:`_Limbo`).  Fires once that is settled; the grace
+        period is ended by this node when due (by the reaper if it dies).
+        """
+        previous = self._limbo.pop(peer_id, None)
+        if previous is not None:
+            self._settle(peer_id, previous)
+        limbo = self._limbo[peer_id] = _Limbo(conn)
+        limbo.timer = self.clock.callLater(self.op_timeout, self._settled, peer_id, conn)
+
+        def suspended(deadline):
+            if not deadline:  # not this connection's any more: nothing will settle
+                self._settled(peer_id, conn)
+                return
+            self._expiries[peer_id, conn] = self.clock.callLater(self.grace, self._expire, peer_id, conn)
+
+        def failed(failure):
+            self._log.warn("peer {peer} not put in grace: {why}", peer=peer_id, why=failure.getErrorMessage())
+            self._settled(peer_id, conn)
+
+        RedisRules.suspend(self, peer_id, conn, ip).addCallbacks(suspended, failed)
+        return limbo.done
+
+    def _settled(self, peer_id, conn):
+        limbo = self._limbo.get(peer_id)
+        if limbo is not None and (conn is None or limbo.conn == conn):
+            del self._limbo[peer_id]
+            self._settle(peer_id, limbo)
+
+    def _settle(self, peer_id, limbo):
+        if limbo.timer is not None and limbo.timer.active():
+            limbo.timer.cancel()
+        if limbo.frames:
+            self._pass_on(peer_id, limbo.frames, front=True)
+        limbo.done.callback(None)
+
+    def _pass_on(self, peer_id, frames, front=False):
+        """Frames for a peer not connected here: to it if it is here again, else through Redis."""
+        if self._local.deliver_local(peer_id, frames[0]):
+            for frame in frames[1:]:
+                self._local.deliver_local(peer_id, frame)
+            return
+        d = self.forward(peer_id, frames, front)
+        d.addErrback(lambda f: self._log.warn(
+            "redis: {count} messages for peer {peer} lost: {why}",
+            count=len(frames), peer=peer_id, why=f.getErrorMessage(),
+        ))
+
+    def _expire(self, peer_id, conn):
+        self._expiries.pop((peer_id, conn), None)
+
+        def expired(dropped):
+            if dropped >= 0:
+                self._log.info(
+                    "peer {peer} did not resume within {grace}s: removed ({queued} queued messages dropped)",
+                    peer=peer_id, grace=self.grace, queued=dropped,
+                )
+
+        d = self.expire(peer_id, conn).addCallback(expired)
+        d.addErrback(lambda f: None)  # logged by _run; the reaper ends it instead
+        return d
+
+    def resume(self, peer_id, ip, at, conn):
+        """
+        As :meth:`RedisRules.resume`.  Frames published to this node for the
+        peer while the script runs wait, and follow the queued ones.
+        """
+        waiting = self._resuming[peer_id] = _Limbo(conn)
+
+        def done(outcome):
+            self._resuming.pop(peer_id, None)
+            kind, frames = outcome
+            return kind, frames + waiting.frames
+
+        def failed(failure):
+            self._resuming.pop(peer_id, None)
+            return failure
+
+        return RedisRules.resume(self, peer_id, ip, at, conn).addCallbacks(done, failed)
 
     def _message(self, message):
         if isinstance(message, bytes):
             message = message.decode("utf-8")
         to, _, frame = message.partition("\n")
-        if not self._local.deliver_local(to, frame.encode("utf-8")):
-            self._log.debug("redis: no local peer {to} for a message", to=to)
+        if frame.startswith("!"):  # a control message (see the module's docstring)
+            kind, _, conn = frame[1:].partition(":")
+            if kind == "settled":
+                self._settled(to, conn)
+            elif kind == "evict":
+                self._local.evict(to, conn)
+            return
+        payload = frame.encode("utf-8")
+        waiting = self._limbo.get(to) or self._resuming.get(to)
+        if waiting is not None:
+            waiting.frames.append(payload)
+        elif not self._local.deliver_local(to, payload):
+            # not connected here (any more): it resumed elsewhere, or is in grace
+            self._pass_on(to, [payload])
 
 
 @implementer(ILocalPeers)
@@ -455,6 +670,9 @@ class _NoLocalPeers:
 
     def local_peers(self):
         return []
+
+    def evict(self, peer_id, conn):
+        pass
 
 
 def default_node_id() -> str:

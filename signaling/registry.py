@@ -37,7 +37,7 @@ shared by several nodes): callers must accept either a plain value or a
 synchronously.
 """
 
-from typing import Dict, List, NamedTuple, Optional, Set
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 from zope.interface import Attribute, Interface, implementer
 
@@ -64,7 +64,7 @@ class Transition(NamedTuple):
 class Peer:
     """One connected user, as the registry sees it."""
 
-    __slots__ = ("id", "ip", "connected_at", "state", "target", "node")
+    __slots__ = ("id", "ip", "connected_at", "state", "target", "node", "online")
 
     def __init__(self, peer_id: str, ip: str, connected_at: float, node: Optional[str] = None):
         self.id = peer_id
@@ -74,6 +74,8 @@ class Peer:
         self.target: Optional[str] = None
         #: the server process it is connected to (shared registries only)
         self.node = node
+        #: False while its socket is lost and it may resume (its grace period)
+        self.online = True
 
     def __repr__(self) -> str:
         return f"<Peer {self.id} {self.state} -> {self.target}>"
@@ -90,13 +92,18 @@ class IRegistry(Interface):
     :class:`IClusterRegistry`.
     """
 
-    def add(peer_id, ip):
-        """Register a new, idle user; returns its :class:`Peer`."""
+    def add(peer_id, ip, conn=""):
+        """
+        Register a new, idle user; returns its :class:`Peer`.  ``conn``
+        names the connection holding it (see :meth:`remove`).
+        """
 
-    def remove(peer_id):
+    def remove(peer_id, conn=""):
         """
         Forget a user whose socket went away; returns the transitions of
-        the users who pointed at it (they are now idle).
+        the users who pointed at it (they are now idle).  With ``conn``, a
+        shared registry leaves a user alone that another connection holds
+        now (it resumed there).
         """
 
     def ping(sender, to):
@@ -121,7 +128,35 @@ class IRegistry(Interface):
         """Return counts: ``users``, ``idle``, ``connecting``, ``connected``, ``pairs``."""
 
 
-class IClusterRegistry(IRegistry):
+#: what :meth:`ISessions.resume` found
+RESUMED = "resumed"  # the peer was in its grace period: its queued frames follow
+MOVED = "moved"  # another connection still held it (it is closed without ending the session)
+NEW = "new"  # its session was gone: the same id again, idle
+
+Outcome = Optional[Tuple[str, List[bytes]]]
+
+
+class ISessions(Interface):
+    """Grace periods of peers whose socket was lost."""
+
+    def suspend(peer_id, conn, ip):
+        """
+        The connection ``conn`` holding ``peer_id`` lost its socket without
+        a close frame from the peer: begin the grace period (state kept, the
+        peer shown offline, what is sent to it queued).  May answer a
+        Deferred; it fires once the session is in grace.
+        """
+
+    def resume(peer_id, ip, at, conn):
+        """
+        The new connection ``conn`` presented a valid resume token for
+        ``peer_id``: ``(RESUMED, queued frames)``, ``(MOVED, [])`` or
+        ``(NEW, [])`` (see the constants), or None if the id is someone
+        else's now.  May answer a Deferred of it.
+        """
+
+
+class IClusterRegistry(IRegistry, ISessions):
     """
     A registry shared by several server processes ("nodes"): peers connected
     to other nodes are reached through it, and it may be unusable for a
@@ -136,8 +171,17 @@ class IClusterRegistry(IRegistry):
         "it is not ready."
     )
 
+    resume_secret = Attribute(
+        "The secret of resume tokens shared by the nodes (bytes), once registered; "
+        "None before (a node may have its own: --resume-secret-file)."
+    )
+
     def route(to, frame):
-        """Deliver ``frame`` to ``to`` on another node; returns whether a node took it."""
+        """
+        Deliver ``frame`` to ``to`` on another node, or queue it if ``to`` is
+        in its grace period; returns whether a node (or the queue) took it,
+        or ``signaling.errors.QUEUE_FULL``.
+        """
 
     def check_and_route(sender, to, frame):
         """``check_paired`` and, if it passes, ``route``, in one step."""
@@ -164,7 +208,13 @@ class ILocalPeers(Interface):
         """Send ``frame`` to ``to`` if it is connected here; return whether it was."""
 
     def local_peers():
-        """``(id, ip, connected_at)`` of every open connection here."""
+        """``(id, ip, connected_at, conn)`` of every open connection here."""
+
+    def evict(peer_id, conn):
+        """
+        ``peer_id`` resumed on another connection: close ``conn`` here, if it
+        still holds it, without ending the session.
+        """
 
 
 @implementer(IRegistry)
@@ -193,14 +243,14 @@ class Registry:
 
     # -- membership ---------------------------------------------------------
 
-    def add(self, peer_id: str, ip: str) -> Peer:
+    def add(self, peer_id: str, ip: str, conn: str = "") -> Peer:
         if peer_id in self._peers:
             raise PeerIdTaken(peer_id)
         peer = Peer(peer_id, ip, self._clock.seconds())
         self._peers[peer_id] = peer
         return peer
 
-    def remove(self, peer_id: str) -> List[Transition]:
+    def remove(self, peer_id: str, conn: str = "") -> List[Transition]:
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return []

@@ -40,6 +40,12 @@ class Settings:
     token_secret: Optional[bytes] = attr.ib(default=None, repr=False)
     #: the longest a token may still be valid for when presented, in seconds
     token_max_lifetime: float = 86400.0
+    #: seconds a peer whose socket was lost keeps its id, state and partner (0: none, as v1)
+    resume_grace: float = 15.0
+    #: messages queued for a peer in its grace period
+    resume_queue: int = 256
+    #: HMAC secret of resume tokens; None: no resume tokens
+    resume_secret: Optional[bytes] = attr.ib(default=None, repr=False)
     #: networks of reverse proxies whose X-Forwarded-For is believed
     trusted_proxies: tuple = ()
     #: log one line per relayed message (type, from, to, size)

@@ -10,6 +10,7 @@ drain bound, log a final summary) is
 """
 
 import ipaddress
+import os
 import sys
 from typing import Any, List, Tuple
 
@@ -25,12 +26,15 @@ from signaling.protocol import SignalingFactory
 from signaling.registry import Registry
 from signaling.service import SignalingService, log_summary
 from signaling.settings import Settings
-from signaling.tokens import read_secret
+from signaling.tokens import read_or_create_secret, read_secret
 from signaling.turn import MAX_TTL, MIN_TTL, IceServers, check_uri, read_secrets
 from signaling.web import SignalingWeb, WebSocketTakeover
 
 _DEFAULTS = Settings()
 _log = Logger()
+
+#: where the resume-token secret is kept by default (in the working directory)
+DEFAULT_RESUME_KEY = "signaling-resume.key"
 
 
 def _number(kind, name, allow_zero):
@@ -163,6 +167,17 @@ class SignalingOptions(usage.Options):
          "valid for longer are refused (HTTP 401).", _positive(float, "token-max-lifetime")],
         ["stats-token-file", None, None,
          "File with a bearer token that /api/stats then requires (else HTTP 401)."],
+        ["resume-grace", None, _DEFAULTS.resume_grace,
+         "Seconds a peer whose socket was lost (not closed by it) keeps its id, state and partner, "
+         "resuming with its welcome's token; its partner is told peer_left only after.  0 disables it.",
+         _non_negative(float, "resume-grace")],
+        ["resume-queue", None, _DEFAULTS.resume_queue,
+         "Messages kept for a peer in its grace period; past them senders get queue-full.",
+         _positive(int, "resume-queue")],
+        ["resume-secret-file", None, None,
+         "File with the secret that signs resume tokens (at least 16 bytes), so that they stay valid "
+         "across restarts; created (random, mode 0600) if missing.  Default: " + DEFAULT_RESUME_KEY
+         + " in the working directory; with --redis, a secret the nodes share through Redis."],
         ["turn-secret-file", None, None,
          "File with the secret shared with the TURN server (coturn's static-auth-secret), "
          "one per line, the first one signing: needed with --turn; not readable by others."],
@@ -268,6 +283,9 @@ class SignalingOptions(usage.Options):
                 if self[name] != "none" and not self[name].startswith("tcp:"):
                     raise usage.UsageError(f"--reuse-port works with tcp: endpoints; --{name} is {self[name]!r}")
         self.token_secret = self._secret("token-secret-file")
+        self.resume_secret = None  # read (or created) by makeService: see resume_secret()
+        if self["resume-secret-file"] is not None and os.path.exists(self["resume-secret-file"]):
+            self.resume_secret = self._secret("resume-secret-file")
         self.turn_secrets = None
         if self["turn-secret-file"] is not None:
             if not self["turn"]:
@@ -306,6 +324,9 @@ class SignalingOptions(usage.Options):
             max_handshake=self["max-request-head"],
             max_fragments=self["max-fragments"],
             token_max_lifetime=self["token-max-lifetime"],
+            resume_grace=self["resume-grace"],
+            resume_queue=self["resume-queue"],
+            resume_secret=self.resume_secret,
             max_outbound=self["max-outbound-buffer"],
             allowed_origins=tuple(self["origins"]),
             token_secret=self.token_secret,
@@ -415,14 +436,41 @@ def make_registry(options: SignalingOptions, reactor):
     registry = RedisRegistry(
         options["redis"], options["node-id"] or default_node_id(), reactor,
         node_timeout=options["node-timeout"], prefix=options["redis-prefix"],
+        grace=options["resume-grace"], queue_limit=options["resume-queue"],
     )
     return registry, registry
+
+
+def resume_secret(options: SignalingOptions) -> None:
+    """
+    Read or create the secret of resume tokens (``--resume-secret-file``,
+    else ``DEFAULT_RESUME_KEY`` unless the nodes of a cluster share one
+    through Redis).  If it cannot be created, resume tokens are signed with
+    a secret of this process only (they then do not survive a restart).
+    """
+    path = options["resume-secret-file"]
+    if path is None and options["redis"] is not None:
+        return
+    if options.resume_secret is not None or options["resume-grace"] <= 0:
+        return
+    path = path or DEFAULT_RESUME_KEY
+    try:
+        options.resume_secret, created = read_or_create_secret(path)
+    except (OSError, ValueError) as e:
+        _log.warn(
+            "resume tokens: cannot use {path} ({error}); signing with a secret of this process only "
+            "(tokens will not survive a restart)", path=path, error=e,
+        )
+        return
+    if created:
+        _log.info("resume tokens: created the secret that signs them in {path}", path=os.path.abspath(path))
 
 
 def makeService(options: SignalingOptions, reactor=None) -> SignalingService:
     if reactor is None:
         from twisted.internet import reactor
     fit_fd_limit(options)
+    resume_secret(options)
     registry, backend = make_registry(options, reactor)
     factory = make_factory(options, registry, reactor)
     if backend is not None:

@@ -25,6 +25,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import re
 import sys
 import time
@@ -98,6 +99,32 @@ def verify_token(secret: bytes, token: str, now: float, max_lifetime: Optional[f
     return claims
 
 
+def make_resume_token(secret: bytes, peer_id: str) -> str:
+    """
+    The token a welcome carries so that its peer can take its id back after
+    losing its socket (``?resume=``): base64url JSON ``{"rid": id}``, signed
+    like an access token (with the resume secret).  It holds no expiry: the
+    session it names expires on its own (``--resume-grace``).
+    """
+    payload = _b64(json.dumps({"rid": peer_id}, separators=(",", ":")).encode("utf-8"))
+    return f"{payload}.{_sign(secret, payload)}"
+
+
+def verify_resume_token(secret: bytes, token: str) -> Optional[str]:
+    """The peer id a resume token names, or None if it is not one this secret signed."""
+    if not token or len(token) > MAX_TOKEN or not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        return None
+    payload, _, signature = token.partition(".")
+    if not hmac.compare_digest(_sign(secret, payload), signature):
+        return None
+    try:
+        claims = json.loads(_unb64(payload))
+    except ValueError:
+        return None
+    peer_id = claims.get("rid") if isinstance(claims, dict) else None
+    return peer_id if isinstance(peer_id, str) and PEER_ID.fullmatch(peer_id) else None
+
+
 def read_secret(path: str) -> bytes:
     """Read a secret file (surrounding whitespace ignored); refuse short secrets."""
     with open(path, "rb") as f:
@@ -105,6 +132,25 @@ def read_secret(path: str) -> bytes:
     if len(secret) < 16:
         raise ValueError(f"{path}: the secret must be at least 16 bytes")
     return secret
+
+
+def read_or_create_secret(path: str):
+    """
+    ``(secret, created)``: the secret in ``path``, or a new random one
+    written there first (mode 0600) if the file does not exist.
+    """
+    try:
+        return read_secret(path), False
+    except FileNotFoundError:
+        pass
+    secret = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it meanwhile
+        return read_secret(path), False
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret + b"\n")
+    return secret, True
 
 
 def main(argv=None) -> int:

@@ -65,6 +65,7 @@ def stats_document(peers, hide_ip: bool = False) -> dict:
             "targetUser": p.target,
             "connectedAt": iso_utc(p.connected_at),
             "ip": None if hide_ip else p.ip,
+            "online": p.online,
         }
         if p.node is not None:  # (a cluster's registry says which node)
             user["node"] = p.node

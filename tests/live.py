@@ -35,7 +35,7 @@ class ServerProcess:
     """One server process; ``http`` and ``ws`` are its base URLs once started."""
 
     def __init__(self, *args, command="twistd", json_logs=False,
-                 http="tcp:0:interface=127.0.0.1", ws="tcp:0:interface=127.0.0.1", max_files=None):
+                 http="tcp:0:interface=127.0.0.1", ws="tcp:0:interface=127.0.0.1", max_files=None, cwd=None):
         self.args = list(args)
         self.max_files = max_files  # RLIMIT_NOFILE of the server process (soft and hard)
         self.listen = [f"--http={http}", f"--ws={ws}"]
@@ -46,6 +46,9 @@ class ServerProcess:
         self.ports = {}
         self.proc = None
         self.tmp = tempfile.TemporaryDirectory(prefix="signaling-test-")
+        # its working directory (where the default resume secret is kept): its
+        # own, or another's (a restart of the same server)
+        self.cwd = cwd or self.tmp.name
 
     def argv(self):
         listen = self.listen
@@ -58,7 +61,7 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             self.argv(),
-            cwd=self.tmp.name,  # twistd adds its working directory to sys.path
+            cwd=self.cwd,  # twistd adds its working directory to sys.path
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -137,6 +140,13 @@ class ServerProcess:
 
     def output(self):
         return "\n".join(self.lines[-200:])
+
+    def restarted(self):
+        """A new server like this one (stopped): the same arguments, ports and working directory."""
+        return ServerProcess(
+            *self.args, command=self.command, json_logs=self.json_logs, max_files=self.max_files, cwd=self.cwd,
+            http=f"tcp:{self.ports['http']}:interface=127.0.0.1", ws=f"tcp:{self.ports['ws']}:interface=127.0.0.1",
+        )
 
     def signal(self, signum):
         self.proc.send_signal(signum)

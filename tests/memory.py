@@ -92,8 +92,11 @@ class Harness:
         self.flush()
         if handshake:
             welcome = client.take()
-            ice = self.factory.ice_servers.for_user(server.peer_id)
-            assert welcome == [{"type": "welcome", "id": server.peer_id, "iceServers": ice}], welcome
+            peer_id = server.peer_id
+            assert welcome == [{
+                "type": "welcome", "id": peer_id, "iceServers": self.factory.ice_servers.for_user(peer_id),
+                "resume": self.factory.resume_token(peer_id), "resumed": False,
+            }], welcome
         return client
 
     def flush(self):

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 import urllib.error
 import urllib.request
 
@@ -19,10 +20,42 @@ from redis_server import RedisServer
 pytestmark = pytest.mark.cluster
 
 NODE_TIMEOUT = "2"
+#: the grace period of a peer whose socket (or node) was lost, short here
+GRACE = "2"
 
 
 def start_node(redis, name):
-    return ServerProcess(f"--redis={redis.url}", f"--node-id={name}", f"--node-timeout={NODE_TIMEOUT}").start()
+    return ServerProcess(
+        f"--redis={redis.url}", f"--node-id={name}", f"--node-timeout={NODE_TIMEOUT}", f"--resume-grace={GRACE}"
+    ).start()
+
+
+def removal_bound():
+    """
+    The longest a dead node's peer may take to be removed: the node found
+    silent (the node timeout, plus one heartbeat interval), then its grace
+    period, ended by a reaper's run at most one more interval later; plus
+    slack for process scheduling on 2 busy cores.
+    """
+    timeout = float(NODE_TIMEOUT)
+    interval = max(0.2, timeout / 3)
+    return timeout + interval + float(GRACE) + interval + 3.0
+
+
+def wait_for_any(nodes, pattern, timeout=20.0):
+    """Wait until one of ``nodes`` logs a line matching ``pattern``; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for node in nodes:
+            try:
+                return node.wait_for_line(pattern, timeout=0.1)
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+
+
+def resume_url(node, ws):
+    return f"{node.ws}?resume={ws.welcome['resume']}"
 
 
 @pytest.fixture
@@ -153,7 +186,11 @@ def test_races_stay_consistent(cluster):
 
 
 def test_killed_node_is_removed_and_partners_told(cluster):
-    """A node killed with SIGKILL has its peers removed within the node timeout; partners elsewhere get peer_left."""
+    """
+    A node killed with SIGKILL has its peers put in grace once it is found
+    silent (shown offline, partners not told), then removed when their grace
+    ends; partners elsewhere then get peer_left.
+    """
     redis, (n1, n2) = cluster
     n3 = start_node(redis, "n3")
     try:
@@ -170,8 +207,17 @@ def test_killed_node_is_removed_and_partners_told(cluster):
             assert set(users(n2)) == {a.peer_id, doomed.peer_id, lonely.peer_id, watcher.peer_id}
             n3.proc.send_signal(signal.SIGKILL)
             n3.wait()
-            left_a = await recv(a)  # waits: removal comes within the node timeout
+            killed = asyncio.get_running_loop().time()
+            # found silent by n1 or n2, whichever reaps first: its peers go offline
+            await asyncio.to_thread(wait_for_any, (n1, n2), r"redis: 2 peers of nodes silent .* in grace for 2.0s")
+            everyone = users(n2)
+            assert (everyone[doomed.peer_id]["online"], everyone[lonely.peer_id]["online"]) == (False, False)
+            assert everyone[a.peer_id]["state"] == "connected"  # nobody told yet
+            left_a = await asyncio.wait_for(recv(a), removal_bound() + 5)
             left_w = await recv(watcher)
+            took = asyncio.get_running_loop().time() - killed
+            assert took >= float(GRACE), f"peer_left after {took:.1f}s, within the grace period"
+            assert took <= removal_bound(), f"peer_left after {took:.1f}s"
             assert left_a == {"type": "disconnect", "from": doomed.peer_id, "data": {"reason": "peer_left"}}
             assert left_w == {"type": "disconnect", "from": lonely.peer_id, "data": {"reason": "peer_left"}}
             for node in (n1, n2):
@@ -242,7 +288,11 @@ def test_redis_restart(cluster):
 
 
 def test_node_shutdown_in_cluster_mode(cluster):
-    """SIGTERM on one node closes its peers with 1001 and tells partners on other nodes peer_left."""
+    """
+    SIGTERM on one node closes its peers with 1001; they resume on another
+    node with their id, state and partner, and what was sent to them
+    meanwhile; their partners are never told peer_left.
+    """
     _, (n1, n2) = cluster
 
     async def go():
@@ -251,10 +301,70 @@ def test_node_shutdown_in_cluster_mode(cluster):
         await pair(a, b)
         n1.signal(signal.SIGTERM)
         assert await closed_code(a) == 1001
-        assert await recv(b) == {"type": "disconnect", "from": a.peer_id, "data": {"reason": "peer_left"}}
         n1.wait()
-        assert set(users(n2)) == {b.peer_id}
+        assert users(n2)[a.peer_id]["online"] is False
+        for n in range(3):
+            await send(b, {"type": "offer", "to": a.peer_id, "data": {"n": n}})
+        assert await sync(b) == []  # queued for a: no error, and no peer_left
+        again = await connect(resume_url(n2, a))
+        assert (again.welcome["id"], again.welcome["resumed"]) == (a.peer_id, True)
+        assert [await recv(again) for _ in range(3)] == [
+            {"type": "offer", "from": b.peer_id, "data": {"n": n}} for n in range(3)
+        ]
+        me = users(n2)[a.peer_id]
+        assert (me["node"], me["online"], me["state"], me["targetUser"]) == ("n2", True, "connected", b.peer_id)
+        await send(again, {"type": "answer", "to": b.peer_id, "data": {"sdp": "after"}})
+        assert await recv(b) == {"type": "answer", "from": a.peer_id, "data": {"sdp": "after"}}
+        await again.close()
+        assert await recv(b) == {"type": "disconnect", "from": a.peer_id, "data": {"reason": "peer_left"}}
         await b.close()
+
+    run(go())
+
+
+def test_resume_on_another_node_after_a_cut_socket(cluster):
+    """
+    A socket cut without a close frame: the peer stays (offline) with its
+    partner, relays to it are queued in order, and it resumes on the other
+    node; one that does not resume is removed after the grace period and its
+    partner told.
+    """
+    _, (n1, n2) = cluster
+
+    async def go():
+        a = await connect(n1.ws)
+        b = await connect(n2.ws)
+        c = await connect(n1.ws)
+        d = await connect(n2.ws)
+        await pair(a, b)
+        await pair(c, d)
+        since = len(n1.lines)
+        a.transport.abort()
+        c.transport.abort()
+        await asyncio.to_thread(n1.wait_for_line, rf"peer {c.peer_id} .* in grace for 2.0s", since=since)
+        await asyncio.to_thread(n1.wait_for_line, rf"peer {a.peer_id} .* in grace for 2.0s", since=since)
+        for n in range(5):
+            await send(b, {"type": "ice-candidate", "to": a.peer_id, "data": {"n": n}})
+        assert await sync(b) == []
+        again = await connect(resume_url(n2, a))
+        assert (again.welcome["id"], again.welcome["resumed"]) == (a.peer_id, True)
+        assert [(await recv(again))["data"]["n"] for _ in range(5)] == list(range(5))
+        assert users(n1)[a.peer_id]["state"] == "connected"
+        # c does not come back: d is told once c's grace period is over
+        assert await asyncio.wait_for(recv(d), 10) == {
+            "type": "disconnect", "from": c.peer_id, "data": {"reason": "peer_left"}
+        }
+        assert c.peer_id not in users(n2)
+        await asyncio.to_thread(n1.wait_for_line, rf"peer {c.peer_id} did not resume within 2.0s")
+        # a resume token outliving its session gets the same id back, idle
+        late = await connect(resume_url(n1, c))
+        assert (late.welcome["id"], late.welcome["resumed"]) == (c.peer_id, False)
+        assert users(n2)[c.peer_id]["state"] == "idle"
+        # a forged token gets a fresh id
+        forged = await connect(f"{n2.ws}?resume={again.welcome['resume'][:-2]}xx")
+        assert forged.welcome["resumed"] is False and forged.welcome["id"] not in (a.peer_id, c.peer_id)
+        for ws in (again, b, d, late, forged):
+            await ws.close()
 
     run(go())
 
@@ -305,13 +415,12 @@ def test_node_killed_while_starting(cluster, point):
     (which must be reachable at once), killed with SIGKILL: before that
     peer is pinged back, with a ping from another node's peer pending, or
     just after the two paired.  Each time the partner on the first node gets
-    peer_left within the node timeout plus one heartbeat interval (plus
-    slack for a loaded machine), and no node's stats keep the dead peer.
+    peer_left within the node timeout plus one heartbeat interval, plus the
+    grace period (see removal_bound), and no node's stats keep the dead peer.
     Killed while still starting, the node leaves nothing behind.
     """
     redis, (n1, n2) = cluster
-    timeout = float(NODE_TIMEOUT)
-    bound = timeout + max(0.2, timeout / 3) + 3.0  # + slack: process scheduling on 2 busy cores
+    bound = removal_bound()
 
     async def first_welcome(node):
         """Connect until welcomed: while starting, the node refuses with 503 and a reason, nothing else."""
@@ -326,7 +435,7 @@ def test_node_killed_while_starting(cluster, point):
 
     async def one_round(name):
         before = set(users(n1))
-        n3 = ServerProcess(f"--redis={redis.url}", f"--node-id={name}", f"--node-timeout={NODE_TIMEOUT}").start()
+        n3 = start_node(redis, name)
         try:
             if point == "starting":
                 n3.proc.send_signal(signal.SIGKILL)  # at once: as a rule, before it registered

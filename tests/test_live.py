@@ -5,6 +5,7 @@ over loopback sockets by another WebSocket library (``websockets``).
 
 import asyncio
 import json
+import signal
 import socket
 import struct
 import subprocess
@@ -25,7 +26,7 @@ def test_welcome_is_uuid4_and_user_appears_idle(server):
         assert a.peer_id != b.peer_id
         assert uuid.UUID(a.peer_id).version == 4
         user = server.users()[a.peer_id]
-        assert set(user) == {"id", "state", "targetUser", "connectedAt", "ip"}
+        assert set(user) == {"id", "state", "targetUser", "connectedAt", "ip", "online"}
         assert (user["state"], user["targetUser"], user["ip"]) == ("idle", None, "127.0.0.1")
         await a.close()
         await b.close()
@@ -213,23 +214,89 @@ def test_peer_left_on_clean_close_and_stats_recover(server):
     run(go())
 
 
-def test_peer_left_on_tcp_reset(server):
-    """A peer whose TCP connection is reset disappears and its partner is told peer_left."""
+def reset(ws):
+    """Close a client's TCP connection with linger 0: the kernel sends RST, no close frame."""
+    sock = ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
+
+
+def test_tcp_reset_keeps_the_session_and_resume_brings_the_queue(server):
+    """
+    A peer whose TCP connection is reset keeps its id, state and partner
+    (shown offline; the partner is not told); offers sent to it meanwhile
+    arrive in order after it reconnects with ?resume=, and the pair goes on.
+    """
 
     async def go():
         a = await connect(server.ws)
         b = await connect(server.ws)
         await pair(a, b)
-        gone = a.peer_id
-        sock = a.transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        a.transport.abort()  # close with linger 0: the kernel sends RST
-        assert await recv(b) == {"type": "disconnect", "from": gone, "data": {"reason": "peer_left"}}
-        assert gone not in server.users()
-        assert server.users()[b.peer_id]["state"] == "idle"
+        A, B = a.peer_id, b.peer_id
+        since = len(server.lines)
+        reset(a)
+        await asyncio.to_thread(server.wait_for_line, rf"peer {A} .* lost its connection .*: in grace for 15.0s",
+                                since=since)
+        me = server.users()[A]
+        assert (me["online"], me["state"], me["targetUser"]) == (False, "connected", B)
+        for n in range(3):
+            await send(b, {"type": "offer", "to": A, "data": {"sdp": f"offer {n}"}})
+        assert await sync(b) == []  # queued: no error, and no peer_left
+        again = await connect(f"{server.ws}?resume={a.welcome['resume']}")
+        assert (again.welcome["id"], again.welcome["resumed"]) == (A, True)
+        for n in range(3):
+            assert await recv(again) == {"type": "offer", "from": B, "data": {"sdp": f"offer {n}"}}
+        me = server.users()[A]
+        assert (me["online"], me["state"], me["targetUser"]) == (True, "connected", B)
+        await send(again, {"type": "answer", "to": B, "data": {"sdp": "answer"}})
+        assert await recv(b) == {"type": "answer", "from": A, "data": {"sdp": "answer"}}
+        await again.close()  # a close frame from the peer: over at once
+        assert await recv(b) == {"type": "disconnect", "from": A, "data": {"reason": "peer_left"}}
+        assert A not in server.users()
+        assert server.users()[B]["state"] == "idle"
         await b.close()
 
     run(go())
+
+
+def test_restart_gives_the_ids_back():
+    """
+    After SIGTERM and a new start on the same ports (same working
+    directory, so the same resume secret by default), peers reconnecting
+    with their tokens get their ids back, idle, and can pair again.
+    """
+    first = ServerProcess().start()
+    second = None
+    try:
+
+        async def before():
+            a = await connect(first.ws)
+            b = await connect(first.ws_on_http)
+            await pair(a, b)
+            first.signal(signal.SIGTERM)
+            assert await closed_code(a) == await closed_code(b) == 1001
+            return a.peer_id, a.welcome["resume"], b.peer_id, b.welcome["resume"]
+
+        A, token_a, B, token_b = run(before())
+        assert first.wait() in (0, -signal.SIGTERM)  # (twistd ends by the signal it stopped for)
+        assert "created the secret that signs them" in first.output()
+        second = first.restarted().start()
+
+        async def after():
+            a = await connect(f"{second.ws}?resume={token_a}")
+            b = await connect(f"{second.ws_on_http}?resume={token_b}")
+            assert (a.welcome["id"], a.welcome["resumed"]) == (A, False)
+            assert (b.welcome["id"], b.welcome["resumed"]) == (B, False)
+            assert {u["id"]: u["state"] for u in second.stats()["users"]} == {A: "idle", B: "idle"}
+            await pair(a, b)
+            await a.close()
+            await b.close()
+
+        run(after())
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
 
 
 def test_burst_of_500_connections_all_welcomed(server):
@@ -295,7 +362,7 @@ def tight_server():
     """A server with small limits and a fast keepalive, to test the limits."""
     proc = ServerProcess(
         "--max-message-size=65536", "--rate=5", "--burst=5", "--flood-strikes=10",
-        "--ping-interval=0.5", "--ping-timeout=0.5",
+        "--ping-interval=0.5", "--ping-timeout=0.5", "--resume-grace=2",
     ).start()
     yield proc
     proc.stop()
@@ -346,14 +413,40 @@ def test_rate_limit_and_flood_close(tight_server):
     run(go())
 
 
+def test_grace_period_ends_with_peer_left(tight_server):
+    """A peer reset and not back within the grace period (2 s here) is removed; its partner is told then."""
+
+    async def go():
+        a = await connect(tight_server.ws)
+        b = await connect(tight_server.ws)
+        await pair(a, b)
+        lost = asyncio.get_running_loop().time()
+        reset(a)
+        assert await recv(b) == {"type": "disconnect", "from": a.peer_id, "data": {"reason": "peer_left"}}
+        assert asyncio.get_running_loop().time() - lost >= 1.9
+        assert a.peer_id not in tight_server.users()
+        await b.close()
+
+    run(go())
+
+
 def test_keepalive_timeout_drops_silent_peer(tight_server):
-    """A peer that stops answering WebSocket pings is dropped and its partner told peer_left."""
+    """
+    A peer that stops answering WebSocket pings is dropped; it stays offline
+    in its grace period (2 s here), then its partner is told peer_left.
+    """
 
     async def go():
         a = await connect(tight_server.ws)
         b = await connect(tight_server.ws, ping_interval=None)
         await pair(a, b)
+        since = len(tight_server.lines)
         a.transport.pause_reading()  # a goes silent: it never sees the server's pings
+        # b must keep answering the server's pings meanwhile: wait off the loop
+        await asyncio.to_thread(
+            tight_server.wait_for_line, rf"peer {a.peer_id} .* lost its connection .*: in grace for 2.0s", since=since
+        )
+        assert (await asyncio.to_thread(tight_server.users))[a.peer_id]["online"] is False
         assert await recv(b) == {"type": "disconnect", "from": a.peer_id, "data": {"reason": "peer_left"}}
         assert a.peer_id not in tight_server.users()
         a.transport.abort()

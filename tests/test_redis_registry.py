@@ -5,7 +5,11 @@ with each node's timers on its own fake clock.
 
 Redis's own clock cannot be faked: where a test needs "this node has been
 silent for longer than the timeout", the reaping node runs with a timeout of
-0, so that every other node is past it at once.
+0, so that every other node is past it at once; where it needs "this grace
+period is over", it moves the period's end into the past in Redis.
+
+Nodes run without grace periods (a dead node's peers are removed at once)
+unless a test gives them one.
 """
 import json
 
@@ -30,38 +34,62 @@ PREFIX = "t:"
 class Node:
     """One node's registry, on a fake clock, recording what it delivers to its local peers."""
 
-    def __init__(self, url, name, node_timeout):
+    def __init__(self, url, name, node_timeout, grace=0.0, queue_limit=256):
         self.clock = Clock()
         self.registry = RedisRegistry(
-            url, name, self.clock, node_timeout=node_timeout, prefix=PREFIX, reactor=reactor
+            url, name, self.clock, node_timeout=node_timeout, prefix=PREFIX, reactor=reactor,
+            grace=grace, queue_limit=queue_limit,
         )
         self.delivered = []
         self._waiting = []
-        self.peers = {}  # id -> (ip, at): this node's open connections
+        self.peers = {}  # id -> (ip, at, conn): this node's open connections
+        self.evicted = []  # (id, conn) the registry told this node to close
         self.registry.attach(self)
 
     def local_peers(self):
-        return [(i, ip, at) for i, (ip, at) in self.peers.items()]
+        return [(i, ip, at, conn) for i, (ip, at, conn) in self.peers.items()]
+
+    def evict(self, peer_id, conn):
+        self.evicted.append((peer_id, conn))
+        if peer_id in self.peers and conn in (None, self.peers[peer_id][2]):
+            del self.peers[peer_id]
+        self._notify()
 
     def deliver_local(self, to, frame):
         self.delivered.append((to, json.loads(frame)))
+        self._notify()
+        return to in self.peers
+
+    def _notify(self):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
-        return to in self.peers
 
     def delivery(self):
-        """Fires once a frame has been delivered to this node (at once if one has been)."""
-        if self.delivered:
+        """Fires once a frame has been delivered to (or a peer evicted from) this node (at once if one has been)."""
+        if self.delivered or self.evicted:
             return succeed(None)
         d = Deferred()
         self._waiting.append(d)
         return d
 
     @inlineCallbacks
-    def add(self, peer_id):
-        peer = yield self.registry.add(peer_id, "127.0.0.1")
-        self.peers[peer_id] = ("127.0.0.1", peer.connected_at)
+    def add(self, peer_id, conn=None):
+        conn = conn or f"{peer_id}-conn"
+        peer = yield self.registry.add(peer_id, "127.0.0.1", conn)
+        self.peers[peer_id] = ("127.0.0.1", peer.connected_at, conn)
+
+    def lose(self, peer_id):
+        """``peer_id``'s socket here is lost: its grace period begins; fires once that has settled."""
+        _, _, conn = self.peers.pop(peer_id)
+        return self.registry.suspend(peer_id, conn, "127.0.0.1")
+
+    @inlineCallbacks
+    def resume(self, peer_id, conn=None):
+        conn = conn or f"{peer_id}-conn2"
+        kind, frames = yield self.registry.resume(peer_id, "127.0.0.1", 0.0, conn)
+        self.peers[peer_id] = ("127.0.0.1", 0.0, conn)
+        return kind, [json.loads(f) for f in frames]
 
     def beat(self):
         """Let one heartbeat interval pass on this node's clock; fires when its heartbeat is done."""
@@ -79,8 +107,8 @@ class RegistryLiveness(unittest.TestCase):
         self.addCleanup(self.redis.close)
 
     @inlineCallbacks
-    def start(self, name, node_timeout=10.0):
-        node = Node(self.server.url, name, node_timeout)
+    def start(self, name, node_timeout=10.0, **kwargs):
+        node = Node(self.server.url, name, node_timeout, **kwargs)
         self.assertTrue(IClusterRegistry.providedBy(node.registry))
         self.assertFalse(node.registry.ready)
         self.assertEqual(node.registry.health()["redis"], "starting")
@@ -176,3 +204,210 @@ class RegistryLiveness(unittest.TestCase):
 
         node = Node(self.server.url, "n1", 10.0)
         self.assertTrue(verifyObject(IClusterRegistry, node.registry))
+
+
+def offer(n):
+    return {"type": "offer", "from": "c1", "data": {"n": n}}
+
+
+def frame(message):
+    return json.dumps(message).encode("utf-8")
+
+
+class RegistryResume(RegistryLiveness):
+    """Grace periods in Redis: a peer whose socket was lost may resume on any node."""
+
+    @inlineCallbacks
+    def pair_across(self, grace=15.0, queue_limit=256):
+        """Nodes a and c (grace periods on), a1 on a paired with c1 on c."""
+        a = yield self.start("a", grace=grace, queue_limit=queue_limit)
+        c = yield self.start("c", grace=grace, queue_limit=queue_limit)
+        yield a.add("a1")
+        yield c.add("c1")
+        yield a.registry.ping("a1", "c1")
+        yield c.registry.pong("c1", "a1")
+        return a, c
+
+    @inlineCallbacks
+    def test_lost_socket_keeps_the_session_and_queues_in_order(self):
+        """
+        A peer in grace keeps its state and partner, shows offline, has what
+        is sent to it queued, and resumes on another node with the queue in
+        order and its pairing intact.
+        """
+        a, c = yield self.pair_across()
+        yield a.lose("a1")
+        stored = self.stored("a1")
+        self.assertEqual((stored["o"], stored["s"], stored["t"]), (0, "connected", "c1"))
+        self.assertEqual(self.redis.smembers(PREFIX + "node:a"), set())
+        self.assertIsNotNone(self.redis.zscore(PREFIX + "grace", "a1"))
+        peers = {p.id: p for p in (yield c.registry.peers())}
+        self.assertFalse(peers["a1"].online)
+        self.assertTrue(peers["c1"].online)
+        for n in range(3):
+            delivered = yield c.registry.check_and_route("c1", "a1", frame(offer(n)))
+            self.assertIs(delivered, True)
+        kind, frames = yield c.resume("a1")
+        self.assertEqual((kind, frames), ("resumed", [offer(0), offer(1), offer(2)]))
+        stored = self.stored("a1")
+        self.assertEqual((stored.get("o"), stored["n"], stored["s"], stored["t"]), (None, "c", "connected", "c1"))
+        self.assertEqual(self.redis.smembers(PREFIX + "node:c"), {"a1", "c1"})
+        self.assertIsNone(self.redis.zscore(PREFIX + "grace", "a1"))
+        self.assertEqual(self.redis.llen(PREFIX + "q:a1"), 0)
+        yield c.registry.check_paired("a1", "c1")  # still paired: offers flow both ways
+        self.assertEqual(c.delivered, [])  # the partner was never told peer_left
+
+    @inlineCallbacks
+    def test_queue_full(self):
+        """Past --resume-queue messages, a sender gets QUEUE_FULL and the frame is not kept."""
+        from signaling.errors import QUEUE_FULL
+
+        a, c = yield self.pair_across(queue_limit=2)
+        yield a.lose("a1")
+        results = []
+        for n in range(3):
+            results.append((yield c.registry.check_and_route("c1", "a1", frame(offer(n)))))
+        results.append((yield c.registry.route("a1", frame(offer(3)))))
+        self.assertEqual(results, [True, True, QUEUE_FULL, QUEUE_FULL])
+        kind, frames = yield a.resume("a1")
+        self.assertEqual(frames, [offer(0), offer(1)])
+
+    @inlineCallbacks
+    def test_grace_period_ends_on_the_suspending_nodes_clock(self):
+        """When its grace period ends without a resume, the peer is removed and its partner gets peer_left."""
+        a, c = yield self.pair_across(grace=5.0)
+        yield a.lose("a1")
+        yield c.registry.route("a1", frame(offer(0)))
+        a.clock.advance(4.9)
+        self.assertIsNotNone(self.stored("a1"))
+        a.clock.advance(0.1)
+        yield c.delivery()
+        self.assertIsNone(self.stored("a1"))
+        self.assertEqual(self.stored("c1")["s"], "idle")
+        self.assertEqual(self.redis.exists(PREFIX + "q:a1"), 0)
+        self.assertIsNone(self.redis.zscore(PREFIX + "grace", "a1"))
+        self.assertEqual(c.delivered, [("c1", {"type": "disconnect", "from": "a1", "data": {"reason": "peer_left"}})])
+
+    @inlineCallbacks
+    def test_a_resumed_session_is_not_ended_by_the_old_timer(self):
+        """A peer that resumed (and lost its socket again later) is not removed when its first period would end."""
+        a, c = yield self.pair_across(grace=5.0)
+        yield a.lose("a1")
+        a.clock.advance(3)
+        yield c.resume("a1")
+        yield c.lose("a1")  # in grace again, with its own deadline
+        a.clock.advance(2)  # a's timer for the first period fires
+        yield a.registry.expire("a1", "a1-conn")  # (and once more, for certain)
+        self.assertEqual(self.stored("a1")["o"], 0)
+        self.assertEqual(self.stored("c1")["s"], "connected")
+
+    @inlineCallbacks
+    def test_resume_of_a_session_held_by_another_node_moves_it(self):
+        """
+        A peer that reconnects to another node before its old socket was
+        found dead takes its session there; the old node is told to close
+        that connection without ending the session.
+        """
+        a, c = yield self.pair_across()
+        kind, frames = yield c.resume("a1", conn="new")
+        self.assertEqual((kind, frames), ("moved", []))
+        self.assertEqual(self.stored("a1")["n"], "c")
+        while not a.evicted:
+            yield a.delivery()  # (the evict travels on a's channel, after any frame before it)
+        self.assertEqual(a.evicted, [("a1", "a1-conn")])
+        self.assertEqual(self.redis.smembers(PREFIX + "node:a"), set())
+        # the old connection's close (or a late suspend) leaves the moved session alone
+        yield a.registry.remove("a1", "a1-conn")
+        self.assertEqual(self.stored("a1")["n"], "c")
+        self.assertEqual((yield a.registry.suspend("a1", "a1-conn", "127.0.0.1")), None)
+        self.assertNotIn("o", self.stored("a1"))
+
+    @inlineCallbacks
+    def test_frames_in_flight_at_the_loss_go_first(self):
+        """
+        Frames that reach the old node after the socket was lost but before
+        Redis put the peer in grace are queued again in front of the ones
+        queued after.
+        """
+        a, c = yield self.pair_across()
+        settled = a.lose("a1")
+        a.registry._message("a1\n" + json.dumps(offer(0)))  # published before the suspend ran
+        yield settled
+        yield c.registry.route("a1", frame(offer(1)))
+        kind, frames = yield c.resume("a1")
+        self.assertEqual(frames, [offer(0), offer(1)])
+
+    @inlineCallbacks
+    def test_frames_reaching_a_node_the_peer_left_are_passed_on(self):
+        """A frame that reaches a node for a peer that moved to another node is published to that node."""
+        a, c = yield self.pair_across()
+        yield c.resume("a1", conn="new")
+        while not a.evicted:
+            yield a.delivery()
+        a.registry._message("a1\n" + json.dumps(offer(7)))
+        while ("a1", offer(7)) not in c.delivered:
+            c.delivered.clear()
+            c.evicted.clear()
+            yield c.delivery()
+
+    @inlineCallbacks
+    def test_a_gone_session_gives_the_same_id_idle(self):
+        """A resume for a session that no longer exists registers the same id again, idle."""
+        a = yield self.start("a", grace=15.0)
+        kind, frames = yield a.resume("z1")
+        self.assertEqual((kind, frames), ("new", []))
+        self.assertEqual((self.stored("z1")["s"], self.stored("z1")["n"]), ("idle", "a"))
+
+    @inlineCallbacks
+    def test_dead_nodes_peers_get_their_grace_period(self):
+        """
+        The peers of a node that died are put in grace by the reaper (their
+        partners are not told), resume elsewhere, and are removed by the
+        reaper once their period is over.
+        """
+        a = yield self.start("a", grace=15.0)
+        reaper = yield self.start("reaper", node_timeout=0, grace=15.0)
+        yield a.add("a1")
+        yield a.add("a2")
+        yield reaper.add("r1")
+        yield reaper.registry.ping("r1", "a1")
+        yield a.registry.pong("a1", "r1")
+        yield a.registry.stopService()  # a dies
+        yield reaper.beat()
+        self.assertEqual((self.stored("a1")["o"], self.stored("a1")["s"]), (0, "connected"))
+        self.assertEqual(self.stored("a2")["o"], 0)
+        self.assertFalse(self.tracked("a"))
+        yield reaper.registry.route("a1", frame(offer(0)))
+        kind, frames = yield reaper.resume("a1")
+        self.assertEqual((kind, frames), ("resumed", [offer(0)]))
+        self.redis.zadd(PREFIX + "grace", {"a2": 0})  # a2's period is over
+        yield reaper.beat()
+        self.assertIsNone(self.stored("a2"))
+        self.assertEqual(self.stored("a1")["s"], "connected")
+        self.assertEqual(reaper.delivered, [])
+
+    @inlineCallbacks
+    def test_silent_node_takes_back_its_peers_in_grace(self):
+        """
+        A live node whose peers were put in grace while it was silent takes
+        them back at its next beat, and gets what was queued for them.
+        """
+        a = yield self.start("a", grace=15.0)
+        reaper = yield self.start("reaper", node_timeout=0, grace=15.0)
+        yield a.add("a1")
+        yield reaper.beat()
+        self.assertEqual(self.stored("a1")["o"], 0)
+        yield reaper.registry.route("a1", frame(offer(0)))
+        yield a.beat()
+        self.assertNotIn("o", self.stored("a1"))
+        self.assertEqual(self.redis.smembers(PREFIX + "node:a"), {"a1"})
+        yield a.delivery()
+        self.assertEqual(a.delivered, [("a1", offer(0))])
+
+    @inlineCallbacks
+    def test_nodes_share_one_resume_secret(self):
+        """Every node gets the same resume secret through Redis (the first node's)."""
+        a = yield self.start("a")
+        c = yield self.start("c")
+        self.assertEqual(len(a.registry.resume_secret), 64)
+        self.assertEqual(a.registry.resume_secret, c.registry.resume_secret)

@@ -12,6 +12,12 @@ from signaling.tap import Options, SignalingOptions, makeService
 pytestmark = pytest.mark.memory
 
 
+@pytest.fixture(autouse=True)
+def in_a_temporary_directory(tmp_path, monkeypatch):
+    """makeService keeps the default resume secret in the working directory: not the checkout's."""
+    monkeypatch.chdir(tmp_path)
+
+
 def parse(*argv):
     options = SignalingOptions()
     options.parseOptions(list(argv))
@@ -37,6 +43,8 @@ def test_defaults():
         (["--burst=1.5"], "--burst must be a whole number"),
         (["--http=none"], "--http cannot be 'none'"),
         (["--ws="], "--ws must not be empty"),
+        (["--resume-grace=-1"], "--resume-grace must not be negative"),
+        (["--resume-queue=0"], "--resume-queue must be positive"),
     ],
 )
 def test_bad_options(argv, needle):
@@ -337,3 +345,62 @@ def test_twistd_serves_a_port_bound_before_dropping_privileges(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_resume_secret_is_created_once_and_kept(tmp_path):
+    """
+    Without --resume-secret-file, the secret of resume tokens is kept in
+    signaling-resume.key in the working directory: created (0600) at the
+    first start, read at the next, so tokens survive a restart.
+    """
+    import os
+    import stat
+
+
+    reactor = MemoryReactorClock()
+    first = parse()
+    makeService(first, reactor)
+    key = tmp_path / "signaling-resume.key"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    assert len(first.resume_secret) >= 32
+    second = parse()
+    makeService(second, reactor)
+    assert second.resume_secret == first.resume_secret
+    assert second.settings().resume_secret == first.resume_secret
+
+
+def test_resume_secret_file_given(tmp_path):
+    """--resume-secret-file names the file (created if missing); a short secret in it is a usage error."""
+    reactor = MemoryReactorClock()
+    path = tmp_path / "keys" / "resume"
+    path.parent.mkdir()
+    o = parse(f"--resume-secret-file={path}")
+    makeService(o, reactor)
+    assert path.read_bytes().strip() == o.resume_secret
+    assert not (tmp_path / "signaling-resume.key").exists()
+    path.write_bytes(b"short")
+    with pytest.raises(usage.UsageError) as e:
+        parse(f"--resume-secret-file={path}")
+    assert "at least 16 bytes" in str(e.value)
+
+
+def test_resume_secret_unwritable_falls_back_to_this_process(tmp_path):
+    """If the default file cannot be created, tokens are signed with a secret of this process only (logged)."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")  # (unwritable below it even for root)
+    o = parse(f"--resume-secret-file={not_a_directory / 'key'}")
+    with capturedLogs() as events:
+        service = makeService(o, MemoryReactorClock())
+    assert o.resume_secret is None
+    assert any("tokens will not survive a restart" in formatEvent(e) for e in events)
+    assert len(service.factory.resume_secret) == 32
+
+
+def test_cluster_nodes_share_the_resume_secret_through_redis(tmp_path):
+    """With --redis and no --resume-secret-file, no file is made: the nodes share a secret through Redis."""
+    o = parse("--redis=redis://127.0.0.1:1/0")
+    makeService(o, MemoryReactorClock())
+    assert o.resume_secret is None
+    assert not (tmp_path / "signaling-resume.key").exists()

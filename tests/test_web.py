@@ -61,7 +61,10 @@ def test_stats_empty(setup):
 
 
 def test_stats_shape(setup):
-    """Each user appears with exactly id, state, targetUser, connectedAt and ip, oldest first."""
+    """
+    Each user appears with exactly id, state, targetUser, connectedAt and ip
+    (the v1 shape), and online (false during a grace period), oldest first.
+    """
     registry, clock, treq = setup
     registry.add("u1", "127.0.0.1")
     clock.advance(1.25)
@@ -71,17 +74,18 @@ def test_stats_shape(setup):
     registry.ping("u3", "u2")
     registry.ping("u1", "u2")
     registry.pong("u2", "u1")
+    registry.get("u3").online = False  # (as LocalSessions marks a peer in grace)
     response, body = get(treq, "http://localhost/api/stats")
     doc = json.loads(body)
     assert doc == {
         "connectedUsers": 3,
         "users": [
             {"id": "u1", "state": "connected", "targetUser": "u2",
-             "connectedAt": "2025-09-09T13:00:00.500Z", "ip": "127.0.0.1"},
+             "connectedAt": "2025-09-09T13:00:00.500Z", "ip": "127.0.0.1", "online": True},
             {"id": "u2", "state": "connected", "targetUser": "u1",
-             "connectedAt": "2025-09-09T13:00:01.750Z", "ip": "::1"},
+             "connectedAt": "2025-09-09T13:00:01.750Z", "ip": "::1", "online": True},
             {"id": "u3", "state": "connecting", "targetUser": "u2",
-             "connectedAt": "2025-09-09T13:00:02.750Z", "ip": "127.0.0.2"},
+             "connectedAt": "2025-09-09T13:00:02.750Z", "ip": "127.0.0.2", "online": False},
         ],
     }
     for user in doc["users"]:
@@ -189,7 +193,7 @@ def test_stats_hide_ip():
     _, body = get(treq, "http://localhost/api/stats")
     [user] = json.loads(body)["users"]
     assert user["ip"] is None and user["id"] == "u1" and set(user) == {
-        "id", "state", "targetUser", "connectedAt", "ip"
+        "id", "state", "targetUser", "connectedAt", "ip", "online"
     }
 
 

@@ -1,3 +1,4 @@
-local a, b, err = paired(ARGV[2], ARGV[3])
+-- ARGV: sender, to
+local a, b, err = paired(ARGV[4], ARGV[5])
 if err then return err end
 return trans

@@ -1,9 +1,15 @@
--- Shared by every script (prepended to each when loaded): the prefix, the
--- peers hash and its helpers.  Peers are JSON in one hash; '' stands for
--- 'no target'.  A script that refuses returns {name}, a key of
--- signaling.errors.REFUSALS; one that succeeds returns trans, which starts
--- with '' and lists the transitions it made (peer, old, new, target).
+-- Shared by every script (prepended to each when loaded).  ARGV[1] is the
+-- key prefix, ARGV[2] how many messages may be queued for a peer in its
+-- grace period, ARGV[3] the grace period in ms; a script's own arguments
+-- start at ARGV[4].  Peers are JSON in one hash; '' stands for 'no
+-- target'; o = 0 marks a peer in its grace period (its socket was lost; it
+-- may resume), c is the connection that holds it (on node n).  A script
+-- that refuses returns {name}, a key of signaling.errors.REFUSALS; one that
+-- succeeds returns trans, which starts with '' and lists the transitions it
+-- made (peer, old, new, target).
 local P = ARGV[1]
+local QMAX = tonumber(ARGV[2])
+local GRACE = tonumber(ARGV[3])
 local PEERS = P .. 'peers'
 local trans = {''}
 local function get(id)
@@ -12,7 +18,7 @@ local function get(id)
   return nil
 end
 local function put(id, p) redis.call('HSET', PEERS, id, cjson.encode(p)) end
--- the Redis clock in ms: one clock for every node's heartbeats
+-- the Redis clock in ms: one clock for every node's heartbeats and grace periods
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -28,6 +34,27 @@ local function set(id, p, state, target)
   end
   p.s = state; p.t = target
   put(id, p)
+end
+-- send a frame to a peer: published on its node's channel, or queued while
+-- it is in its grace period -> receivers of the publish (1 if queued), or
+-- -2 if its queue is full (the frame is dropped)
+local function send(id, p, frame)
+  if p.o == 0 then
+    local q = P .. 'q:' .. id
+    if redis.call('LLEN', q) >= QMAX then return -2 end
+    redis.call('RPUSH', q, frame)
+    return 1
+  end
+  return redis.call('PUBLISH', P .. 'to:' .. p.n, id .. '\n' .. frame)
+end
+-- begin a peer's grace period (its socket was lost) -> its deadline (Redis ms)
+local function suspend(id, p)
+  p.o = 0
+  put(id, p)
+  redis.call('SREM', P .. 'node:' .. p.n, id)
+  local deadline = now_ms() + GRACE
+  redis.call('ZADD', P .. 'grace', deadline, id)
+  return deadline
 end
 local function pair(a_id, b_id)
   local a = get(a_id)
@@ -46,12 +73,17 @@ local function paired(a_id, b_id)
   end
   return a, b, nil
 end
--- forget a peer; its watchers go idle; with notify, they are sent peer_left
+-- forget a peer (and its grace period and queue, if any); its watchers go
+-- idle; with notify, they are sent peer_left
 local function drop(id, notify)
   local p = get(id)
   if not p then return end
   redis.call('HDEL', PEERS, id)
   redis.call('SREM', P .. 'node:' .. p.n, id)
+  if p.o == 0 then
+    redis.call('ZREM', P .. 'grace', id)
+    redis.call('DEL', P .. 'q:' .. id)
+  end
   if p.t ~= '' then redis.call('SREM', P .. 'watch:' .. p.t, id) end
   local left = cjson.encode({type = 'disconnect', from = id, data = {reason = 'peer_left'}})
   local watchers = redis.call('SMEMBERS', P .. 'watch:' .. id)
@@ -60,7 +92,7 @@ local function drop(id, notify)
     local wp = get(w)
     if wp then
       set(w, wp, 'idle', '')
-      if notify then redis.call('PUBLISH', P .. 'to:' .. wp.n, w .. '\n' .. left) end
+      if notify then send(w, wp, left) end
     end
   end
   redis.call('DEL', P .. 'watch:' .. id)

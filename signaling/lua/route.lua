@@ -1,4 +1,4 @@
--- ARGV: prefix, to, frame -> receivers of the publish, or -1 if no such peer
-local p = get(ARGV[2])
+-- ARGV: to, frame -> what send() answers, or -1 if no such peer
+local p = get(ARGV[4])
 if not p then return -1 end
-return redis.call('PUBLISH', P .. 'to:' .. p.n, ARGV[2] .. '\n' .. ARGV[3])
+return send(ARGV[4], p, ARGV[5])

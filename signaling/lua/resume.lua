@@ -1,0 +1,29 @@
+-- ARGV: id, node, ip, at, connection: a connection to node presented a
+-- valid resume token for id -> {'resumed', queued frames...} if it was in
+-- its grace period; {'moved'} if it was still held by another connection
+-- (which gets '!evict:<its connection>' on its node's channel and is closed
+-- there without ending the session); {'new'} if it was gone (the same id,
+-- idle again).  The node's heartbeat is recorded, as with add.
+local id, node = ARGV[4], ARGV[5]
+beat(node)
+local p = get(id)
+if not p then
+  put(id, {n = node, ip = ARGV[6], at = tonumber(ARGV[7]), s = 'idle', t = '', c = ARGV[8]})
+  redis.call('SADD', P .. 'node:' .. node, id)
+  return {'new'}
+end
+local was_offline, old_node, old_conn = p.o == 0, p.n, p.c
+p.o = nil; p.n = node; p.c = ARGV[8]; p.ip = ARGV[6]
+put(id, p)
+redis.call('SADD', P .. 'node:' .. node, id)
+if was_offline then
+  redis.call('ZREM', P .. 'grace', id)
+  local q = P .. 'q:' .. id
+  local out = {'resumed'}
+  for _, frame in ipairs(redis.call('LRANGE', q, 0, -1)) do table.insert(out, frame) end
+  redis.call('DEL', q)
+  return out
+end
+if old_node ~= node then redis.call('SREM', P .. 'node:' .. old_node, id) end
+redis.call('PUBLISH', P .. 'to:' .. old_node, id .. '\n!evict:' .. old_conn)
+return {'moved'}
