@@ -565,8 +565,12 @@ class SignalingFactory(WebSocketServerFactory):
             self.sessions = registry
         else:
             self.sessions = self._local_sessions = LocalSessions(
-                registry, clock, settings.resume_grace, settings.resume_queue, self._expired
+                registry, clock, settings.resume_grace, settings.resume_queue, settings.max_outbound, self._expired
             )
+        # peers put in grace here within the last grace period, in total and
+        # per address key: bounded as connections are (a client that drops
+        # connections on purpose cannot pile up sessions)
+        self.graced = ConnectionCounts(settings.max_connections, settings.max_connections_per_ip)
         self._conn_ids = itertools.count(1)
         self._conn_prefix = os.urandom(3).hex()
         self.clock = clock
@@ -766,6 +770,17 @@ class SignalingFactory(WebSocketServerFactory):
         its session (id, state, partner) for the grace period, queue what is
         sent to it, and remove it only when the period ends without a resume.
         """
+        key = proto._key
+        refused = self.graced.add(key)
+        if refused is not None:
+            self._log.warn(
+                "peer {peer} ({ip}) lost its connection (close code {code}): no grace period, too many peers "
+                "in grace ({cap}); removed", peer=peer_id, ip=proto.ip, code=code,
+                cap="in total" if refused == "total" else "from its address",
+            )
+            proto._enqueue(self.leave, proto, peer_id, False, code)
+            return
+        self.clock.callLater(self.settings.resume_grace, self.graced.remove, key)
         if self.connections.get(peer_id) is proto:
             del self.connections[peer_id]
         self._log.info(

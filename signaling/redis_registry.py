@@ -114,15 +114,18 @@ class RedisRules:
     :param clock: ``seconds()`` for the time a peer arrived.
     :param grace: seconds a peer whose socket was lost stays in its grace period.
     :param queue_limit: frames queued for a peer in its grace period, at most.
+    :param queue_bytes: bytes queued for a peer in its grace period, at most.
     """
 
-    def __init__(self, execute, node: str, clock, grace: float = 15.0, queue_limit: int = 256):
+    def __init__(self, execute, node: str, clock, grace: float = 15.0, queue_limit: int = 256,
+                 queue_bytes: int = 1024 * 1024):
         self._run_script = execute
         self.node = node
         self.clock = clock
         self.grace = grace
         self.queue_limit = queue_limit
-        self._settings = (str(queue_limit), str(int(grace * 1000)))
+        self.queue_bytes = queue_bytes
+        self._settings = (str(queue_limit), str(queue_bytes), str(int(grace * 1000)))
 
     def _execute(self, name, *args):
         return self._run_script(name, *self._settings, *args)
@@ -285,11 +288,12 @@ class _Limbo:
     in front of what Redis queued after.
     """
 
-    __slots__ = ("conn", "frames", "done", "timer")
+    __slots__ = ("conn", "frames", "size", "done", "timer")
 
     def __init__(self, conn: str):
         self.conn = conn
         self.frames: list = []
+        self.size = 0  # bytes in frames
         self.done: defer.Deferred = defer.Deferred()
         self.timer = None
 
@@ -310,6 +314,7 @@ class RedisRegistry(RedisRules, Service):
     :param reactor: what connects to Redis (the global reactor by default).
     :param grace: seconds a peer whose socket was lost may resume in.
     :param queue_limit: frames queued for a peer in its grace period, at most.
+    :param queue_bytes: bytes queued for a peer in its grace period, at most.
 
     The node is :attr:`ready` (peers may be admitted) once it is registered:
     its channel subscribed, its heartbeat recorded and its peers in Redis.
@@ -320,8 +325,8 @@ class RedisRegistry(RedisRules, Service):
     _log = Logger()
 
     def __init__(self, url, node, clock, node_timeout=10.0, prefix="signaling:", op_timeout=5.0, reactor=None,
-                 grace=15.0, queue_limit=256):
-        RedisRules.__init__(self, self._run, node, clock, grace, queue_limit)
+                 grace=15.0, queue_limit=256, queue_bytes=1024 * 1024):
+        RedisRules.__init__(self, self._run, node, clock, grace, queue_limit, queue_bytes)
         self.url = url
         self.reactor = clock if reactor is None else reactor
         self.node_timeout = node_timeout
@@ -655,7 +660,11 @@ class RedisRegistry(RedisRules, Service):
         payload = frame.encode("utf-8")
         waiting = self._limbo.get(to) or self._resuming.get(to)
         if waiting is not None:
+            if len(waiting.frames) >= self.queue_limit or waiting.size + len(payload) > self.queue_bytes:
+                self._log.warn("redis: a message for peer {peer} dropped: too many wait for it", peer=to)
+                return
             waiting.frames.append(payload)
+            waiting.size += len(payload)
         elif not self._local.deliver_local(to, payload):
             # not connected here (any more): it resumed elsewhere, or is in grace
             self._pass_on(to, [payload])

@@ -25,12 +25,13 @@ __all__ = ["ISessions", "LocalSessions", "MOVED", "NEW", "RESUMED", "Session"]
 class Session:
     """A peer in its grace period."""
 
-    __slots__ = ("peer_id", "ip", "queue", "timer")
+    __slots__ = ("peer_id", "ip", "queue", "size", "timer")
 
     def __init__(self, peer_id: str, ip: str, timer):
         self.peer_id = peer_id
         self.ip = ip
         self.queue: Deque[bytes] = deque()
+        self.size = 0  # bytes in the queue
         self.timer = timer
 
 
@@ -45,15 +46,18 @@ class LocalSessions:
     :param clock: ``callLater``.
     :param grace: seconds a peer stays in grace.
     :param limit: frames queued for one peer at most.
+    :param max_bytes: bytes queued for one peer at most.
     :param expire: called with the :class:`Session` when its grace period
         ends (it then removes the peer from the registry).
     """
 
-    def __init__(self, registry: Registry, clock, grace: float, limit: int, expire: Callable[[Session], object]):
+    def __init__(self, registry: Registry, clock, grace: float, limit: int, max_bytes: int,
+                 expire: Callable[[Session], object]):
         self._registry = registry
         self._clock = clock
         self.grace = grace
         self.limit = limit
+        self.max_bytes = max_bytes
         self._expire = expire
         self._sessions: Dict[str, Session] = {}
 
@@ -73,14 +77,16 @@ class LocalSessions:
     def hold(self, peer_id: str, frame: bytes) -> Optional[bool]:
         """
         Queue ``frame`` for ``peer_id`` if it is in grace: True, or False if
-        its queue is full; None if it is not in grace here.
+        its queue is full (``limit`` frames, or ``max_bytes``); None if it
+        is not in grace here.
         """
         session = self._sessions.get(peer_id)
         if session is None:
             return None
-        if len(session.queue) >= self.limit:
+        if len(session.queue) >= self.limit or session.size + len(frame) > self.max_bytes:
             return False
         session.queue.append(frame)
+        session.size += len(frame)
         return True
 
     def resume(self, peer_id: str, ip: str, at: float, conn: str) -> Outcome:

@@ -437,6 +437,7 @@ def make_registry(options: SignalingOptions, reactor):
         options["redis"], options["node-id"] or default_node_id(), reactor,
         node_timeout=options["node-timeout"], prefix=options["redis-prefix"],
         grace=options["resume-grace"], queue_limit=options["resume-queue"],
+        queue_bytes=options["max-outbound-buffer"],
     )
     return registry, registry
 

@@ -34,11 +34,11 @@ PREFIX = "t:"
 class Node:
     """One node's registry, on a fake clock, recording what it delivers to its local peers."""
 
-    def __init__(self, url, name, node_timeout, grace=0.0, queue_limit=256):
+    def __init__(self, url, name, node_timeout, grace=0.0, queue_limit=256, queue_bytes=1024 * 1024):
         self.clock = Clock()
         self.registry = RedisRegistry(
             url, name, self.clock, node_timeout=node_timeout, prefix=PREFIX, reactor=reactor,
-            grace=grace, queue_limit=queue_limit,
+            grace=grace, queue_limit=queue_limit, queue_bytes=queue_bytes,
         )
         self.delivered = []
         self._waiting = []
@@ -218,10 +218,10 @@ class RegistryResume(RegistryLiveness):
     """Grace periods in Redis: a peer whose socket was lost may resume on any node."""
 
     @inlineCallbacks
-    def pair_across(self, grace=15.0, queue_limit=256):
+    def pair_across(self, grace=15.0, **limits):
         """Nodes a and c (grace periods on), a1 on a paired with c1 on c."""
-        a = yield self.start("a", grace=grace, queue_limit=queue_limit)
-        c = yield self.start("c", grace=grace, queue_limit=queue_limit)
+        a = yield self.start("a", grace=grace, **limits)
+        c = yield self.start("c", grace=grace, **limits)
         yield a.add("a1")
         yield c.add("c1")
         yield a.registry.ping("a1", "c1")
@@ -271,6 +271,23 @@ class RegistryResume(RegistryLiveness):
         self.assertEqual(results, [True, True, QUEUE_FULL, QUEUE_FULL])
         kind, frames = yield a.resume("a1")
         self.assertEqual(frames, [offer(0), offer(1)])
+
+    @inlineCallbacks
+    def test_queue_full_in_bytes(self):
+        """The queue also holds at most queue_bytes bytes (--max-outbound-buffer); the count goes with the queue."""
+        from signaling.errors import QUEUE_FULL
+
+        a, c = yield self.pair_across(queue_bytes=200)
+        yield a.lose("a1")
+        big = {"type": "offer", "from": "c1", "data": {"pad": "x" * 30}}
+        results = []
+        for _ in range(3):
+            results.append((yield c.registry.route("a1", frame(big))))
+        self.assertEqual(results, [True, True, QUEUE_FULL])
+        self.assertEqual(int(self.redis.get(PREFIX + "qb:a1")), 2 * len(frame(big)))
+        kind, frames = yield a.resume("a1")
+        self.assertEqual(len(frames), 2)
+        self.assertEqual(self.redis.exists(PREFIX + "q:a1", PREFIX + "qb:a1"), 0)
 
     @inlineCallbacks
     def test_grace_period_ends_on_the_suspending_nodes_clock(self):

@@ -249,3 +249,45 @@ def test_stats_show_peers_in_grace_offline():
     cut(h, a)
     online = {u["id"]: u["online"] for u in stats_document(h.registry.peers())["users"]}
     assert online == {A: False, b.peer_id: True}
+
+
+def test_queue_is_bounded_in_bytes_too():
+    """A peer in grace holds at most --max-outbound-buffer bytes of queued messages: past that, queue-full."""
+    h, a, b = paired_harness(max_outbound=3000)
+    A = a.peer_id
+    token = token_of(h, a)
+    cut(h, a)
+    for n in range(3):
+        h.send(b, {"type": "offer", "to": A, "data": {"sdp": "x" * 1200, "n": n}})
+    assert [(e["code"], e["ref"]) for e in b.take()] == [("queue-full", "offer")]
+    again, _ = reconnect(h, token)
+    assert [m["data"]["n"] for m in again.take()] == [0, 1]
+
+
+def test_sessions_in_grace_are_capped_per_address():
+    """
+    No address holds more peers in grace than --max-connections-per-ip (a
+    client dropping connections on purpose cannot pile up sessions): past
+    it, a lost socket ends its session at once.  The count frees up as grace
+    periods end.
+    """
+    h = Harness(max_connections_per_ip=2)
+    watcher = h.connect()
+    first = [h.connect(host="10.0.0.7") for _ in range(2)]
+    other = h.connect(host="10.0.0.8")
+    for p in first + [other]:
+        cut(h, p)
+    third = h.connect(host="10.0.0.7")  # (its connections are closed: it may connect again)
+    h.pair(watcher, third)
+    T = third.peer_id
+    with capturedLogs() as events:
+        cut(h, third)
+    assert user(h, T) is None and watcher.take() == [left(T)]
+    assert any("no grace period, too many peers in grace (from its address)" in formatEvent(e) for e in events)
+    assert len([p for p in h.registry.peers() if not p.online]) == 3  # the first two, and 10.0.0.8's
+    h.clock.advance(GRACE)
+    h.flush()
+    again = h.connect(host="10.0.0.7")
+    A = again.peer_id
+    cut(h, again)
+    assert user(h, A) is not None and not user(h, A).online

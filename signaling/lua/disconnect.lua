@@ -1,7 +1,7 @@
 -- ARGV: sender, to
-local a, b, err = pair(ARGV[4], ARGV[5])
+local a, b, err = pair(ARGV[5], ARGV[6])
 if err then return err end
-if a.t ~= ARGV[5] then return {'not-pointing'} end
-set(ARGV[4], a, 'idle', '')
-if b.t == ARGV[4] then set(ARGV[5], b, 'idle', '') end
+if a.t ~= ARGV[6] then return {'not-pointing'} end
+set(ARGV[5], a, 'idle', '')
+if b.t == ARGV[5] then set(ARGV[6], b, 'idle', '') end
 return trans

@@ -3,17 +3,21 @@
 -- longer connected to it.  Queued if the peer is in its grace period,
 -- published to its node if it is on another one, else dropped -> how many
 -- were passed on.
-local id = ARGV[4]
+local id = ARGV[5]
 local p = get(id)
 if not p then return 0 end
 local n = 0
 if p.o == 0 then
-  if ARGV[6] == '1' then
-    for i = #ARGV, 7, -1 do redis.call('LPUSH', P .. 'q:' .. id, ARGV[i]); n = n + 1 end
+  if ARGV[7] == '1' then
+    for i = #ARGV, 8, -1 do
+      redis.call('LPUSH', P .. 'q:' .. id, ARGV[i])
+      redis.call('INCRBY', P .. 'qb:' .. id, #ARGV[i])
+      n = n + 1
+    end
   else
-    for i = 7, #ARGV do if send(id, p, ARGV[i]) > 0 then n = n + 1 end end
+    for i = 8, #ARGV do if send(id, p, ARGV[i]) > 0 then n = n + 1 end end
   end
-elseif p.n ~= ARGV[5] then
-  for i = 7, #ARGV do redis.call('PUBLISH', P .. 'to:' .. p.n, id .. '\n' .. ARGV[i]); n = n + 1 end
+elseif p.n ~= ARGV[6] then
+  for i = 8, #ARGV do redis.call('PUBLISH', P .. 'to:' .. p.n, id .. '\n' .. ARGV[i]); n = n + 1 end
 end
 return n

@@ -1,7 +1,7 @@
 -- Shared by every script (prepended to each when loaded).  ARGV[1] is the
--- key prefix, ARGV[2] how many messages may be queued for a peer in its
--- grace period, ARGV[3] the grace period in ms; a script's own arguments
--- start at ARGV[4].  Peers are JSON in one hash; '' stands for 'no
+-- key prefix, ARGV[2] and ARGV[3] how many messages and bytes may be queued
+-- for a peer in its grace period, ARGV[4] the grace period in ms; a
+-- script's own arguments start at ARGV[5].  Peers are JSON in one hash; '' stands for 'no
 -- target'; o = 0 marks a peer in its grace period (its socket was lost; it
 -- may resume), c is the connection that holds it (on node n).  A script
 -- that refuses returns {name}, a key of signaling.errors.REFUSALS; one that
@@ -9,7 +9,8 @@
 -- made (peer, old, new, target).
 local P = ARGV[1]
 local QMAX = tonumber(ARGV[2])
-local GRACE = tonumber(ARGV[3])
+local QBYTES = tonumber(ARGV[3])
+local GRACE = tonumber(ARGV[4])
 local PEERS = P .. 'peers'
 local trans = {''}
 local function get(id)
@@ -35,14 +36,20 @@ local function set(id, p, state, target)
   p.s = state; p.t = target
   put(id, p)
 end
+-- a peer's queue (its grace period) is the list q:<id>, its size in bytes qb:<id>
+local function forget_queue(id)
+  redis.call('DEL', P .. 'q:' .. id, P .. 'qb:' .. id)
+end
 -- send a frame to a peer: published on its node's channel, or queued while
 -- it is in its grace period -> receivers of the publish (1 if queued), or
 -- -2 if its queue is full (the frame is dropped)
 local function send(id, p, frame)
   if p.o == 0 then
     local q = P .. 'q:' .. id
-    if redis.call('LLEN', q) >= QMAX then return -2 end
+    local bytes = tonumber(redis.call('GET', P .. 'qb:' .. id) or '0')
+    if redis.call('LLEN', q) >= QMAX or bytes + #frame > QBYTES then return -2 end
     redis.call('RPUSH', q, frame)
+    redis.call('INCRBY', P .. 'qb:' .. id, #frame)
     return 1
   end
   return redis.call('PUBLISH', P .. 'to:' .. p.n, id .. '\n' .. frame)
@@ -82,7 +89,7 @@ local function drop(id, notify)
   redis.call('SREM', P .. 'node:' .. p.n, id)
   if p.o == 0 then
     redis.call('ZREM', P .. 'grace', id)
-    redis.call('DEL', P .. 'q:' .. id)
+    forget_queue(id)
   end
   if p.t ~= '' then redis.call('SREM', P .. 'watch:' .. p.t, id) end
   local left = cjson.encode({type = 'disconnect', from = id, data = {reason = 'peer_left'}})

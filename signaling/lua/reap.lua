@@ -5,8 +5,8 @@
 -- one); peers whose grace period is over are removed.
 local now = now_ms()
 local out = {0}
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', P .. 'nodes', '-inf', now - tonumber(ARGV[4]))) do
-  if node ~= ARGV[5] then
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', P .. 'nodes', '-inf', now - tonumber(ARGV[5]))) do
+  if node ~= ARGV[6] then
     for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node)) do
       local p = get(id)
       if p and GRACE > 0 then

@@ -4,16 +4,16 @@
 -- (which gets '!evict:<its connection>' on its node's channel and is closed
 -- there without ending the session); {'new'} if it was gone (the same id,
 -- idle again).  The node's heartbeat is recorded, as with add.
-local id, node = ARGV[4], ARGV[5]
+local id, node = ARGV[5], ARGV[6]
 beat(node)
 local p = get(id)
 if not p then
-  put(id, {n = node, ip = ARGV[6], at = tonumber(ARGV[7]), s = 'idle', t = '', c = ARGV[8]})
+  put(id, {n = node, ip = ARGV[7], at = tonumber(ARGV[8]), s = 'idle', t = '', c = ARGV[9]})
   redis.call('SADD', P .. 'node:' .. node, id)
   return {'new'}
 end
 local was_offline, old_node, old_conn = p.o == 0, p.n, p.c
-p.o = nil; p.n = node; p.c = ARGV[8]; p.ip = ARGV[6]
+p.o = nil; p.n = node; p.c = ARGV[9]; p.ip = ARGV[7]
 put(id, p)
 redis.call('SADD', P .. 'node:' .. node, id)
 if was_offline then
@@ -21,7 +21,7 @@ if was_offline then
   local q = P .. 'q:' .. id
   local out = {'resumed'}
   for _, frame in ipairs(redis.call('LRANGE', q, 0, -1)) do table.insert(out, frame) end
-  redis.call('DEL', q)
+  forget_queue(id)
   return out
 end
 if old_node ~= node then redis.call('SREM', P .. 'node:' .. old_node, id) end

@@ -1,4 +1,4 @@
 -- ARGV: to, frame -> what send() answers, or -1 if no such peer
-local p = get(ARGV[4])
+local p = get(ARGV[5])
 if not p then return -1 end
-return send(ARGV[4], p, ARGV[5])
+return send(ARGV[5], p, ARGV[6])

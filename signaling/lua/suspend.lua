@@ -4,9 +4,9 @@
 -- node's own channel: when the node reads it, every message published to
 -- it for that peer before this script ran has arrived (and is queued again
 -- with forward, in front).
-local id = ARGV[4]
+local id = ARGV[5]
 local p = get(id)
-if not p or p.o == 0 or p.n ~= ARGV[5] or p.c ~= ARGV[6] then return 0 end
+if not p or p.o == 0 or p.n ~= ARGV[6] or p.c ~= ARGV[7] then return 0 end
 local deadline = suspend(id, p)
-redis.call('PUBLISH', P .. 'to:' .. ARGV[5], id .. '\n!settled:' .. ARGV[6])
+redis.call('PUBLISH', P .. 'to:' .. ARGV[6], id .. '\n!settled:' .. ARGV[7])
 return deadline

@@ -5,15 +5,15 @@
 -- bring back online those put in grace while the node was silent (what was
 -- queued for them is published to the node, in order); and name the ones
 -- that resumed on another connection meanwhile (the node closes its own).
-local node = ARGV[4]
+local node = ARGV[5]
 beat(node)
 local live = {}
-for i = 5, #ARGV, 4 do live[ARGV[i]] = true end
+for i = 6, #ARGV, 4 do live[ARGV[i]] = true end
 local out = {0, 0}
 for _, id in ipairs(redis.call('SMEMBERS', P .. 'node:' .. node)) do
   if not live[id] then drop(id, true); out[1] = out[1] + 1 end
 end
-for i = 5, #ARGV, 4 do
+for i = 6, #ARGV, 4 do
   local id = ARGV[i]
   local p = get(id)
   if not p then
@@ -31,7 +31,7 @@ for i = 5, #ARGV, 4 do
     for _, frame in ipairs(redis.call('LRANGE', q, 0, -1)) do
       redis.call('PUBLISH', P .. 'to:' .. node, id .. '\n' .. frame)
     end
-    redis.call('DEL', q)
+    forget_queue(id)
   end
 end
 return out
