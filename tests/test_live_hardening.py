@@ -165,14 +165,18 @@ def test_stats_token(guarded):
 @pytest.fixture(scope="module")
 def small_buffers():
     proc = ServerProcess(
-        "--max-outbound-buffer=65536", "--rate=0", "--handshake-timeout=1"
+        "--max-outbound-buffer=65536", "--rate=0", "--handshake-timeout=1", "--resume-grace=1"
     ).start()
     yield proc
     proc.stop()
 
 
 def test_non_reading_peer_is_dropped(small_buffers):
-    """A peer that never reads is dropped once its unsent bytes pass the cap; its partner gets peer_left."""
+    """
+    A peer that never reads is dropped once its unsent bytes pass the cap
+    (into its grace period: a stalled network may come back); its partner
+    gets peer_left when the period (1 s here) is over.
+    """
 
     async def go():
         a, b = await paired(small_buffers.ws)
@@ -190,11 +194,12 @@ def test_non_reading_peer_is_dropped(small_buffers):
         # the message that overflowed was not delivered, and the sender is told so
         assert got[0] == {"type": "error", "code": "peer-not-found", "ref": "offer",
                           "message": "that peer is going away; the message was not delivered"}
+        small_buffers.wait_for_line(rf"peer {gone} \(127\.0\.0\.1\) dropped: not reading")
+        small_buffers.wait_for_line(rf"peer {gone} \(127\.0\.0\.1\) lost its connection .*: in grace for 1.0s")
         if len(got) == 1:
             got.append(await recv(a))
         assert got[1:] == [{"type": "disconnect", "from": gone, "data": {"reason": "peer_left"}}]
         assert gone not in small_buffers.users()
-        small_buffers.wait_for_line(rf"peer {gone} \(127\.0\.0\.1\) dropped: not reading")
         assert await sync(reader) == []
         b.transport.abort()
         await a.close()
