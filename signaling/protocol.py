@@ -816,11 +816,12 @@ class SignalingFactory(WebSocketServerFactory):
         if peer_id is None:
             return None  # (it closed before resuming)
         older = self.connections.get(peer_id)
-        if older is not None and older is not proto:
+        if older is proto:
+            older = None
+        if older is not None and self._local_sessions is not None:
             # the same peer on a newer connection (say, after a network
             # change) before its older socket was found dead: the session moves
             self._log.info("peer {peer} resumed on a newer connection from {ip}", peer=peer_id, ip=proto.ip)
-            proto.conn_id = older.conn_id  # (the registry knows the session by it)
             self._evict(older, "resumed on a newer connection")
             self.connections[peer_id] = proto
             return True, []
@@ -829,13 +830,17 @@ class SignalingFactory(WebSocketServerFactory):
             if found is None:
                 return None
             kind, queued = found
+            if older is not None and self.connections.get(peer_id) is older:
+                # (a cluster: the shared state now names this connection, so
+                # what the older one still does there is ignored)
+                self._evict(older, "resumed on a newer connection")
             self.connections[peer_id] = proto
             if kind == RESUMED:
                 self._log.info("peer {peer} resumed from {ip} ({queued} queued messages)",
                                peer=peer_id, ip=proto.ip, queued=len(queued))
                 return True, queued
             if kind == MOVED:
-                self._log.info("peer {peer} resumed from {ip}; its older connection is closed",
+                self._log.info("peer {peer} resumed on a newer connection from {ip}; the older one is closed",
                                peer=peer_id, ip=proto.ip)
                 return True, queued
             assert kind == NEW

@@ -369,6 +369,37 @@ def test_resume_on_another_node_after_a_cut_socket(cluster):
     run(go())
 
 
+def test_resume_while_the_old_socket_is_still_open(cluster):
+    """
+    A peer that reconnects before its old socket was found dead (a network
+    change) takes its session over, on the same node or another: the old
+    socket is closed with 4409, the partner hears nothing, and the old
+    socket's end does not end the session.
+    """
+    _, (n1, n2) = cluster
+
+    async def go():
+        a = await connect(n1.ws)
+        b = await connect(n2.ws)
+        await pair(a, b)
+        same_node = await connect(resume_url(n1, a))
+        assert (same_node.welcome["id"], same_node.welcome["resumed"]) == (a.peer_id, True)
+        assert await closed_code(a) == 4409
+        other_node = await connect(resume_url(n2, a))
+        assert (other_node.welcome["id"], other_node.welcome["resumed"]) == (a.peer_id, True)
+        assert await closed_code(same_node) == 4409
+        await send(b, {"type": "offer", "to": a.peer_id, "data": {"n": 1}})
+        assert await recv(other_node) == {"type": "offer", "from": b.peer_id, "data": {"n": 1}}
+        assert await sync(b) == []  # no peer_left
+        me = users(n1)[a.peer_id]
+        assert (me["node"], me["online"], me["state"], me["targetUser"]) == ("n2", True, "connected", b.peer_id)
+        await other_node.close()
+        assert await recv(b) == {"type": "disconnect", "from": a.peer_id, "data": {"reason": "peer_left"}}
+        await b.close()
+
+    run(go())
+
+
 def test_two_processes_share_one_port(cluster):
     """With --reuse-port, two nodes listen on the same port; peers landing on either pair and relay."""
     from redis_server import free_port
