@@ -124,6 +124,16 @@ def failed_by_us(proto) -> bool:
     return bool(proto.failedByMe)
 
 
+def closed_by_us(proto) -> bool:
+    """Whether this side started the closing handshake (``closedByMe``)."""
+    return bool(proto.closedByMe)
+
+
+def local_close_code(proto):
+    """The code of the close frame this side sent, or None (``localCloseCode``)."""
+    return proto.localCloseCode
+
+
 def forget_closed_deferred(proto) -> None:
     """
     Autobahn resolves ``is_closed`` with the protocol itself: a reference

@@ -95,6 +95,13 @@ QUEUE_IS_FULL = "that peer is reconnecting and too many messages already wait fo
 QUEUE_FULL = "queue-full"
 
 
+#: every error code a client may be sent (docs/protocol.rst, "Errors")
+ERROR_CODES = (
+    "invalid-json", "invalid-message", "unknown-type", "peer-not-found", "peer-busy", "invalid-state",
+    "rate-limited", "queue-full", "unavailable", "internal-error",
+)
+
+
 def refusal(name: str) -> SignalingError:
     """The exception for the pairing rules' refusal ``name`` (a key of :data:`REFUSALS`)."""
     kind, message = REFUSALS[name]

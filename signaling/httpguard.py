@@ -19,7 +19,7 @@ Every refusal costs O(1) memory and time and is logged within a budget of
 lines per interval (:class:`~signaling.limits.LogBudget`).
 """
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -181,7 +181,7 @@ class GuardedChannel(HTTPChannel):
     def requestDone(self, request):
         self._answered += 1
         if self.persistent and (self._answered > MAX_PIPELINED or unsent_bytes(self.transport) > MAX_UNSENT):
-            self.site.note("pipelining without reading", self.transport.getPeer())
+            self.site.note("pipelining without reading", self.transport.getPeer(), None)
             self.persistent = False
             self._refused = True
             super().requestDone(request)
@@ -195,7 +195,7 @@ class GuardedChannel(HTTPChannel):
         """Answer ``status`` and close, reading nothing more."""
         self._refused = True
         self._disarm()
-        self.site.note(f"{status} ({text})", self.transport.getPeer())
+        self.site.note(f"{status} ({text})", self.transport.getPeer(), status)
         self.transport.write(canned(status, text))
         self.transport.loseConnection()
 
@@ -229,6 +229,7 @@ class GuardedSite(Site):
         self.clock = clock
         self._access = LogBudget(clock, self._access_held, lines=100)
         self.counts = ConnectionCounts(max_connections, max_per_address)
+        self.refusals: Dict[int, int] = {}  # HTTP status -> connections or requests refused so (metrics)
         self.max_head = max_head
         self.head_timeout = head_timeout
         self.trusted_proxies = trusted_proxies
@@ -240,10 +241,10 @@ class GuardedSite(Site):
         key = None if is_trusted_proxy(peer, self.trusted_proxies) else address_key(peer, self.ipv6_prefix)
         refused = self.counts.add(key)
         if refused == "total":
-            self.note("503 (too many HTTP connections)", addr)
+            self.note("503 (too many HTTP connections)", addr, 503)
             return Refusal(canned(503, "too many connections; try again later"))
         if refused is not None:
-            self.note("429 (too many HTTP connections from one address)", addr)
+            self.note("429 (too many HTTP connections from one address)", addr, 429)
             return Refusal(canned(429, "too many connections from your address"))
         channel = super().buildProtocol(addr)
         channel._key = key
@@ -266,8 +267,10 @@ class GuardedSite(Site):
         self._log.info("HTTP: access log lines not written in the last {interval}s: {summary}",
                        interval=self._access.interval, summary=summary)
 
-    def note(self, what: str, address) -> None:
-        """Log a refusal, within the budget of lines per interval."""
+    def note(self, what: str, address, status: Optional[int]) -> None:
+        """Count a refusal with HTTP ``status`` (if one was sent); log it within the budget of lines."""
+        if status is not None:
+            self.refusals[status] = self.refusals.get(status, 0) + 1
         if self._budget.allow(what.split(" ", 1)[0]):
             self._log.info("HTTP: refused {ip}: {what}", ip=host_of(address), what=what)
 

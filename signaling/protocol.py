@@ -22,6 +22,7 @@ then run one after another, in the order their frames arrived.
 import itertools
 import os
 from collections import deque
+from time import perf_counter
 from typing import Any, Dict, Optional, Set
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -48,6 +49,7 @@ from signaling.fastpath import FastPath
 from signaling.frameguard import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG, FrameGuard, HeldConnections
 from signaling.framing import text_frame
 from signaling.limits import ConnectionCounts, LogBudget, TokenBucket, address_key
+from signaling.metrics import Counts, close_reason
 from signaling.registry import IClusterRegistry, ILocalPeers
 from signaling.results import is_deferred, then
 from signaling.safetext import SafeLogger, safe, txaio_off
@@ -95,6 +97,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     conn_id = ""  # names this connection in the registry (see IRegistry.remove)
     _resume_id: Optional[str] = None  # the id a valid resume token asks back
     _welcomed = False  # its session has begun (a lost socket then puts it in grace)
+    _dropped_for: Optional[str] = None  # why this server dropped its socket, if it did (metrics)
+    _read_at = 0.0  # perf_counter() at its last read
     _reserving = False  # holds the reservation of its fixed id (until it has joined or closed)
     _errors = None  # LogBudget of this peer's error lines, made at its first error
 
@@ -139,6 +143,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         return None
 
     def dataReceived(self, data):
+        self._read_at = perf_counter()  # (the relays it brings are timed from here: metrics)
         if self._discard:
             return
         if self._held is not None:  # (a TLS layer may hand over what it had already decrypted)
@@ -230,6 +235,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     def onClose(self, wasClean, code, reason):
         if self._errors is not None:
             self._errors.close()
+        if self._welcomed:
+            self.factory.metrics.disconnect(self._disconnect_reason())
         if self.peer_id is None or not hasattr(self, "closed"):
             return  # the opening handshake never completed
         peer_id = self.peer_id
@@ -246,6 +253,16 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             self.factory.suspend(self, peer_id, code)
         else:
             self._enqueue(self.factory.leave, self, peer_id, wasClean, code)
+
+    def _disconnect_reason(self) -> str:
+        """Why this welcomed peer's WebSocket ended (``signaling.metrics.DISCONNECT_REASONS``)."""
+        if self._dropped_for is not None:
+            return self._dropped_for
+        if _compat.closed_by_peer(self):
+            return "closed"
+        if _compat.failed_by_us(self) or _compat.closed_by_us(self):
+            return close_reason(_compat.local_close_code(self))
+        return "lost"
 
     def leave_now(self, code: int):
         """
@@ -311,6 +328,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
                 ip=self.ip,
                 unsent=unsent,
             )
+            self._dropped_for = "not_reading"
             self.dropConnection(abort=True)
             return True
         return False
@@ -331,6 +349,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         per peer per interval are logged; the rest are counted and reported
         in one line (a flood cannot fill the disk).
         """
+        self.factory.metrics.error(code)
         if ref is not None and ref not in messages.CLIENT_TYPES:
             ref = safe(ref)
         budget = self._errors
@@ -466,6 +485,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         self.send(messages.encode(messages.welcome(
             peer_id, factory.ice_servers.for_user(peer_id), factory.resume_token(peer_id), resumed
         )))
+        factory.metrics.connects += 1
 
     def _process(self, message: messages.Message, size: int):
         factory = self.factory
@@ -480,9 +500,10 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             return factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
                 self._relayed,
                 self._refused,
-                callbackArgs=(message, sender, size),
+                callbackArgs=(message, sender, size, self._read_at),
                 errbackArgs=(message,),
             )
+        started = self._read_at
         operation = getattr(factory.registry, operation_name)
         try:
             result = operation(self.peer_id, message.to)
@@ -493,10 +514,10 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             return result.addCallbacks(
                 self._relay,
                 self._refused,
-                callbackArgs=(message, size),
+                callbackArgs=(message, size, started),
                 errbackArgs=(message,),
             )
-        return self._relay(result, message, size)
+        return self._relay(result, message, size, started)
 
     def _refused(self, failure, message: messages.Message) -> None:
         error = failure.check(SignalingError)
@@ -507,23 +528,33 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             e = failure.value
             self._error(e.code, e.message, message.type)
 
-    def _relay(self, transitions, message: messages.Message, size: int):
+    def _relay(self, transitions, message: messages.Message, size: int, started: float):
         sender = self.peer_id
         if transitions:
             self.factory.log_transitions(transitions)
         payload = messages.encode(messages.relay(message.type, sender, message.data))
         delivered = self.factory.deliver(message.to, payload)
         if is_deferred(delivered):
-            return delivered.addCallback(self._relayed, message, sender, size)
-        return self._relayed(delivered, message, sender, size)
+            return delivered.addCallback(self._relayed, message, sender, size, started)
+        return self._relayed(delivered, message, sender, size, started)
 
-    def _relayed(self, delivered, message: messages.Message, sender: Optional[str], size: int) -> None:
+    def _relayed(self, delivered, message: messages.Message, sender: Optional[str], size: int,
+                 started: float) -> None:
         if delivered is not True:
             if delivered == QUEUE_FULL:
                 self._error("queue-full", QUEUE_IS_FULL, message.type)
             else:
                 self._error("peer-not-found", NOT_DELIVERED, message.type)
             return
+        # (Counts.relay inlined: this runs for every relay; the latency of one
+        # relay in Counts.SAMPLE is timed, which keeps the cost out of sight)
+        metrics = self.factory.metrics
+        metrics.relays[message.type] += 1
+        metrics.relayed_bytes += size
+        metrics.until_sample -= 1
+        if not metrics.until_sample:
+            metrics.until_sample = metrics.SAMPLE
+            metrics.relay_latency.observe(perf_counter() - started)
         if self.factory.settings.log_relays:
             self._log.info(
                 "relay {type} {sender} -> {to} ({size} bytes)",
@@ -572,6 +603,7 @@ class SignalingFactory(WebSocketServerFactory):
         # connections on purpose cannot pile up sessions)
         self.graced = ConnectionCounts(settings.max_connections, settings.max_connections_per_ip)
         self._conn_ids = itertools.count(1)
+        self.metrics = Counts()  # what happened: for /metrics and /api/dashboard
         self._conn_prefix = os.urandom(3).hex()
         self.clock = clock
         if new_id is None:
@@ -649,6 +681,8 @@ class SignalingFactory(WebSocketServerFactory):
     def count_address(self, proto: SignalingServerProtocol) -> bool:
         """Count a connection through a trusted proxy by the address it forwards for; False if over the cap."""
         key = address_key(proto.ip, self.settings.ipv6_prefix)
+        if key is None:  # (a UNIX socket's client, forwarded for no one)
+            return proto._counted
         if not proto._counted or not self.counts.add_key(key):
             return False
         proto._key = key
@@ -667,7 +701,8 @@ class SignalingFactory(WebSocketServerFactory):
             self.reserved.discard(proto._fixed_id)
 
     def note_refusal(self, ip: str, status: int, reason: str) -> None:
-        """Log a refused handshake, within a budget of lines per interval."""
+        """Count a refused handshake, and log it within a budget of lines per interval."""
+        self.metrics.refusal(self.metrics.handshake_refusals, status)
         if self._refusals.allow(str(status)):
             self._log.info("refused connection from {ip}: {status} {reason}", ip=ip, status=status, reason=reason)
 
@@ -773,6 +808,7 @@ class SignalingFactory(WebSocketServerFactory):
         key = proto._key
         refused = self.graced.add(key)
         if refused is not None:
+            self.metrics.grace_refused += 1
             self._log.warn(
                 "peer {peer} ({ip}) lost its connection (close code {code}): no grace period, too many peers "
                 "in grace ({cap}); removed", peer=peer_id, ip=proto.ip, code=code,
@@ -781,6 +817,7 @@ class SignalingFactory(WebSocketServerFactory):
             proto._enqueue(self.leave, proto, peer_id, False, code)
             return
         self.clock.callLater(self.settings.resume_grace, self.graced.remove, key)
+        self.metrics.grace_started += 1
         if self.connections.get(peer_id) is proto:
             del self.connections[peer_id]
         self._log.info(
@@ -795,6 +832,7 @@ class SignalingFactory(WebSocketServerFactory):
 
     def _expired(self, session) -> None:
         """A peer in grace here did not resume in time: removed, as when it leaves."""
+        self.metrics.grace_expired += 1
         self._log.info(
             "peer {peer} ({ip}) did not resume within {grace}s: removed ({queued} queued messages dropped)",
             peer=session.peer_id, ip=session.ip, grace=self.settings.resume_grace, queued=len(session.queue),
@@ -824,12 +862,14 @@ class SignalingFactory(WebSocketServerFactory):
             self._log.info("peer {peer} resumed on a newer connection from {ip}", peer=peer_id, ip=proto.ip)
             self._evict(older, "resumed on a newer connection")
             self.connections[peer_id] = proto
+            self.metrics.resumes[MOVED] += 1
             return True, []
 
         def outcome(found):
             if found is None:
                 return None
             kind, queued = found
+            self.metrics.resumes[kind] += 1
             if older is not None and self.connections.get(peer_id) is older:
                 # (a cluster: the shared state now names this connection, so
                 # what the older one still does there is ignored)

@@ -47,6 +47,7 @@ import os
 import socket
 import time
 from importlib import resources
+from time import perf_counter
 from urllib.parse import urlparse
 
 import txredisapi
@@ -58,6 +59,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from signaling.errors import CLUSTER_UNREACHABLE, QUEUE_FULL, PeerIdTaken, SignalingError, Unavailable, refusal
+from signaling.metrics import Histogram
 from signaling.registry import IClusterRegistry, ILocalPeers, IRegistry, Peer, Transition
 from signaling.results import then
 from signaling.sessions import MOVED, NEW, RESUMED, ISessions
@@ -221,7 +223,8 @@ class RedisRules:
             counts = {"idle": 0, "connecting": 0, "connected": 0}
             for p in peers:
                 counts[p.state] += 1
-            return {"users": len(peers), **counts, "pairs": counts["connected"] // 2}
+            offline = sum(1 for p in peers if not p.online)
+            return {"users": len(peers), **counts, "pairs": counts["connected"] // 2, "offline": offline}
 
         return then(self.peers(), count)
 
@@ -348,6 +351,8 @@ class RedisRegistry(RedisRules, Service):
         self._limbo = {}  # peer id -> _Limbo, while its suspension settles
         self._expiries = {}  # (peer id, conn) -> the timer that ends that grace period
         self._resuming = {}  # peer id -> _Limbo, while its resume script runs
+        self.latency = Histogram()  # of every script's round trip (metrics)
+        self.expired = 0  # grace periods this node ended (metrics)
 
     def attach(self, local) -> None:
         """Deliver to, and register, the peers of ``local`` (an :class:`~signaling.registry.ILocalPeers`)."""
@@ -465,8 +470,15 @@ class RedisRegistry(RedisRules, Service):
         if not self._reachable():
             self._lost()
             return defer.fail(Unavailable(CLUSTER_UNREACHABLE))
+        started = perf_counter()
         d = self._pool.eval(SCRIPTS[name], [], [self.prefix, *args])
         d.addTimeout(self.op_timeout, self.clock)
+
+        def timed(result):
+            self.latency.observe(perf_counter() - started)
+            return result
+
+        d.addCallback(timed)
 
         def failed(failure):
             if failure.check(SignalingError):
@@ -619,6 +631,7 @@ class RedisRegistry(RedisRules, Service):
 
         def expired(dropped):
             if dropped >= 0:
+                self.expired += 1
                 self._log.info(
                     "peer {peer} did not resume within {grace}s: removed ({queued} queued messages dropped)",
                     peer=peer_id, grace=self.grace, queued=dropped,

@@ -125,7 +125,10 @@ class IRegistry(Interface):
         """Return a list of every :class:`Peer`, oldest first."""
 
     def summary():
-        """Return counts: ``users``, ``idle``, ``connecting``, ``connected``, ``pairs``."""
+        """
+        Return counts: ``users``, ``idle``, ``connecting``, ``connected``,
+        ``pairs``, and ``offline`` (users in their grace period).
+        """
 
 
 #: what :meth:`ISessions.resume` found
@@ -308,14 +311,17 @@ class Registry:
 
     def summary(self) -> Dict[str, int]:
         counts = {IDLE: 0, CONNECTING: 0, CONNECTED: 0}
+        offline = 0
         for peer in self._peers.values():
             counts[peer.state] += 1
+            offline += not peer.online
         return {
             "users": len(self._peers),
             IDLE: counts[IDLE],
             CONNECTING: counts[CONNECTING],
             CONNECTED: counts[CONNECTED],
             "pairs": counts[CONNECTED] // 2,
+            "offline": offline,
         }
 
     # -- internals ----------------------------------------------------------

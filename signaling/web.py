@@ -33,6 +33,7 @@ from signaling._compat import untie_request
 from signaling.admission import Refused, authorize, client_address, host_of, origin_allowed, request_token
 from signaling.httpguard import GuardedChannel
 from signaling.limits import AddressBuckets, address_key
+from signaling.metrics import CONTENT_TYPE_LATEST
 from signaling.registry import IClusterRegistry
 from signaling.settings import Settings
 from signaling.turn import NO_ICE_SERVERS
@@ -172,6 +173,9 @@ class SignalingWeb:
         ``/api/ice-servers`` follows the same Origin and token rules, and
         counts clients by address the same way.
     :param clock: ``seconds`` and ``callLater`` (token expiry, rate limits).
+    :param metrics: :class:`~signaling.metrics.ServerMetrics` for ``/metrics``
+        and ``/api/dashboard`` (both behind the stats token, like the stats);
+        without it they answer 404.
     """
 
     app = Klein()
@@ -179,7 +183,7 @@ class SignalingWeb:
     app.url_map.merge_slashes = False
 
     def __init__(self, registry, ws_resource=None, stats_token=None, hide_ip=False, stats_origins=(),
-                 ice_servers=NO_ICE_SERVERS, admission=None, clock=None):
+                 ice_servers=NO_ICE_SERVERS, admission=None, clock=None, metrics=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.registry = registry
@@ -194,6 +198,9 @@ class SignalingWeb:
         self.test_page = static_file("test.html")
         self.test_page_policy = page_policy(self.test_page)
         self.client_module = static_file("signaling.js")
+        self.dashboard_page = static_file("dashboard.html")
+        self.dashboard_policy = page_policy(self.dashboard_page)
+        self.metrics = metrics
 
     def resource(self):
         """The resource to serve: the routes below, with ``/ws`` taken first."""
@@ -218,15 +225,23 @@ class SignalingWeb:
         request.setResponseCode(204)
         return b""
 
+    def _refused_stats(self, request):
+        """The 401 answer when the stats token is set and the request lacks it; else None."""
+        if self.stats_token is None or self._authorized(request):
+            return None
+        request.setResponseCode(401)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="signaling stats"')
+        return json.dumps({"error": "a valid bearer token is required"}).encode("utf-8")
+
     @app.route("/api/stats", methods=["GET", "HEAD"])
     def stats(self, request):
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
         self._cors(request)
-        if self.stats_token is not None and not self._authorized(request):
-            request.setResponseCode(401)
-            request.setHeader(b"WWW-Authenticate", b'Bearer realm="signaling stats"')
-            return json.dumps({"error": "a valid bearer token is required"}).encode("utf-8")
+        refused = self._refused_stats(request)
+        if refused is not None:
+            return refused
         d = maybeDeferred(self.registry.peers)
         d.addCallback(
             lambda peers: json.dumps(stats_document(peers, self.hide_ip)).encode("utf-8")
@@ -244,6 +259,33 @@ class SignalingWeb:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode("utf-8"), self.stats_token.encode("utf-8")
         )
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def prometheus(self, request):
+        """Prometheus metrics (text exposition), behind the stats token like the stats."""
+        request.setHeader(b"Cache-Control", b"no-store")
+        if self.metrics is None:
+            request.setResponseCode(404)
+            return b""
+        refused = self._refused_stats(request)
+        if refused is not None:
+            return refused
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self.metrics.refresh().addCallback(lambda _: self.metrics.exposition())
+
+    @app.route("/api/dashboard", methods=["GET", "HEAD"])
+    def dashboard_data(self, request):
+        """What the dashboard polls: this process's counters and the users by state, as JSON."""
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        self._cors(request)
+        if self.metrics is None:
+            request.setResponseCode(404)
+            return _json({"error": "no metrics"})
+        refused = self._refused_stats(request)
+        if refused is not None:
+            return refused
+        return self.metrics.refresh().addCallback(lambda _: _json(self.metrics.dashboard()))
 
     @app.route("/api/ice-servers", methods=["GET", "HEAD"])
     def ice(self, request):
@@ -264,7 +306,8 @@ class SignalingWeb:
             (request.getHeader(b"x-forwarded-for") or b"").decode("latin-1") or None,
             settings.trusted_proxies,
         )
-        if not self._ice_buckets.take(address_key(ip, settings.ipv6_prefix)):
+        key = address_key(ip, settings.ipv6_prefix)
+        if key is not None and not self._ice_buckets.take(key):  # (None: this machine, by a UNIX socket)
             request.setResponseCode(429)
             request.setHeader(b"Retry-After", b"1")
             return _json({"error": "too many requests for ICE servers from your address; try again"})
@@ -306,6 +349,14 @@ class SignalingWeb:
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"Content-Security-Policy", self.test_page_policy)
         return self.test_page
+
+    @app.route("/dashboard", methods=["GET", "HEAD"])
+    def dashboard(self, request):
+        """The live dashboard: a static page; what it shows comes from /api/dashboard and /api/stats."""
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"Content-Security-Policy", self.dashboard_policy)
+        return self.dashboard_page
 
     @app.route("/signaling.js", methods=["GET", "HEAD"])
     def signaling_js(self, request):

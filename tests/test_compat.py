@@ -177,3 +177,39 @@ class SocketLevel(unittest.TestCase):
         self.assertTrue(hasattr(transport, "loseWriteConnection"))
         transport.abortConnection()
         client.transport.abortConnection()
+
+
+def _closing_harness():
+    h = Harness(max_message_size=65536)
+    return h, h.connect()
+
+
+@pytest.mark.parametrize("how", ["peer", "server", "failed", "lost"])
+def test_who_closed(how):
+    """
+    closed_by_peer, failed_by_us, closed_by_us and local_close_code read
+    Autobahn's remoteCloseCode, closedByMe, failedByMe and localCloseCode:
+    which of them is set for each way a connection ends (resume and the
+    disconnect metrics depend on it).
+    """
+    h, client = _closing_harness()
+    server = client.server
+    if how == "peer":
+        client.sendClose(1000)
+    elif how == "server":
+        server.close(4409, "replaced")
+    elif how == "failed":
+        client.transport.write(frame(0x3, b"x"))  # a reserved opcode: Autobahn fails it with 1002
+    else:
+        client.transport.abortConnection()
+    h.flush()
+    seen = (
+        _compat.closed_by_peer(server), _compat.failed_by_us(server), _compat.closed_by_us(server),
+        _compat.local_close_code(server),
+    )
+    assert seen == {
+        "peer": (True, False, False, 1000),  # (the server's reply echoes the code)
+        "server": (False, False, True, 4409),
+        "failed": (False, True, True, 1002),
+        "lost": (False, False, False, None),
+    }[how]

@@ -107,7 +107,7 @@ def test_pong_pairs_both(reg):
     assert state(reg, "a") == (CONNECTED, "b")
     assert state(reg, "b") == (CONNECTED, "a")
     assert reg.summary() == {
-        "users": 4, IDLE: 2, CONNECTING: 0, CONNECTED: 2, "pairs": 1
+        "users": 4, IDLE: 2, CONNECTING: 0, CONNECTED: 2, "pairs": 1, "offline": 0
     }
 
 
@@ -281,7 +281,7 @@ def test_peers_and_summary_empty_after_everyone_leaves(reg):
     for name in "abcd":
         reg.remove(name)
     assert reg.peers() == []
-    assert reg.summary() == {"users": 0, "idle": 0, "connecting": 0, "connected": 0, "pairs": 0}
+    assert reg.summary() == {"users": 0, "idle": 0, "connecting": 0, "connected": 0, "pairs": 0, "offline": 0}
     if isinstance(reg, Registry):
         assert reg._pointing == {}
     else:  # nothing left behind in Redis but the node's liveness entry

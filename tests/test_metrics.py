@@ -1,0 +1,170 @@
+"""
+Tier 1: the metrics (signaling.metrics), counted in memory with a fake
+clock and read back through prometheus_client's own parser.
+(tests/test_metrics_live.py: the installed server's /metrics.)
+"""
+
+import re
+
+import pytest
+from memory import Harness
+from prometheus_client.parser import text_string_to_metric_families
+
+from signaling import errors
+from signaling.metrics import Histogram, ServerMetrics
+
+pytestmark = pytest.mark.memory
+
+
+def families(text):
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(fams, name, **labels):
+    """The value of one sample of a family (counters' samples end in _total)."""
+    for family in fams.values():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise KeyError((name, labels))
+
+
+def scrape(h):
+    metrics = ServerMetrics(h.factory, h.registry, h.clock)
+    d = metrics.refresh()
+    assert d.called
+    return metrics, families(metrics.exposition().decode("utf-8"))
+
+
+def test_relays_errors_and_users_are_counted():
+    """Relays by type and bytes, errors by code, connects, users by state and pairs."""
+    h = Harness()
+    a, b, c = h.connect(), h.connect(), h.connect()
+    h.pair(a, b)
+    h.send(a, {"type": "offer", "to": b.peer_id, "data": {"sdp": "v=0"}})
+    h.send(b, {"type": "answer", "to": a.peer_id, "data": {"sdp": "v=0"}})
+    for _ in range(3):
+        h.send(a, {"type": "ice-candidate", "to": b.peer_id, "data": {"candidate": "x"}})
+    h.send(c, {"type": "offer", "to": a.peer_id})  # not paired: invalid-state
+    h.send(c, {"type": "ping", "to": "nobody"})  # peer-not-found
+    c.sendMessage(b"{not json")
+    h.flush()
+    _, fams = scrape(h)
+    assert value(fams, "signaling_relays_total", type="ping") == 1
+    assert value(fams, "signaling_relays_total", type="pong") == 1
+    assert value(fams, "signaling_relays_total", type="offer") == 1
+    assert value(fams, "signaling_relays_total", type="ice-candidate") == 3
+    assert value(fams, "signaling_relayed_bytes_total") > 100
+    assert value(fams, "signaling_errors_total", code="invalid-state") == 1
+    assert value(fams, "signaling_errors_total", code="peer-not-found") == 1
+    assert value(fams, "signaling_errors_total", code="invalid-json") == 1
+    assert value(fams, "signaling_connects_total") == 3
+    assert value(fams, "signaling_users", state="connected") == 2
+    assert value(fams, "signaling_users", state="idle") == 1
+    assert value(fams, "signaling_pairs") == 1
+    assert value(fams, "signaling_connections", protocol="native") == 3
+    assert value(fams, "signaling_relay_seconds_count") == 1  # (the first relay, then one in Counts.SAMPLE)
+    assert value(fams, "signaling_info", registry="memory") == 1
+    assert "process_cpu_seconds_total" in {s.name for f in fams.values() for s in f.samples}
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("close", "closed"), ("cut", "lost"), ("too_big", "too_big"), ("shutdown", "shutdown"),
+])
+def test_disconnects_by_reason_and_grace(how, reason):
+    """Each way a WebSocket ends is counted under its reason; a lost one also starts a grace period."""
+    h = Harness(max_message_size=65536)
+    a = h.connect()
+    if how == "close":
+        a.sendClose(1000)
+    elif how == "cut":
+        a.transport.abortConnection()
+    elif how == "too_big":
+        a.sendMessage(b"x" * 70000)
+    else:
+        h.factory.shutdown(5)
+    h.flush()
+    h.clock.advance(10)  # (past the close timeout: a peer refused for a too big message is not read again)
+    h.flush()
+    _, fams = scrape(h)
+    assert value(fams, "signaling_disconnects_total", reason=reason) == 1
+    others = sum(s.value for s in fams["signaling_disconnects"].samples if s.labels["reason"] != reason)
+    assert others == 0
+    lost = how in ("cut", "shutdown")  # no close frame from the peer: it may resume
+    assert value(fams, "signaling_grace_started_total") == (1 if lost else 0)
+    assert value(fams, "signaling_users_offline") == (1 if lost else 0)
+
+
+def test_resumes_and_expiry_are_counted():
+    h = Harness()
+    a, b = h.connect(), h.connect()
+    token = h.factory.resume_token(a.peer_id)
+    a.transport.abortConnection()
+    b.transport.abortConnection()
+    h.flush()
+    h.connect(handshake=False, url=f"ws://127.0.0.1:8080/?resume={token}")
+    h.clock.advance(15)
+    h.flush()
+    _, fams = scrape(h)
+    assert value(fams, "signaling_resumes_total", outcome="resumed") == 1
+    assert value(fams, "signaling_grace_expired_total") == 1
+    assert value(fams, "signaling_grace_started_total") == 2
+
+
+def test_handshake_refusals_by_status():
+    from test_hardening import refusal
+
+    h = Harness(max_connections_per_ip=1)
+    h.connect()
+    assert refusal(h) == 429
+    _, fams = scrape(h)
+    assert value(fams, "signaling_handshake_refusals_total", status="429") == 1
+
+
+def test_labels_never_carry_ids_or_addresses():
+    """No label value is a peer id or an address, whatever the traffic."""
+    h = Harness()
+    peers = [h.connect(host=f"10.1.2.{n}") for n in range(5)]
+    h.pair(peers[0], peers[1])
+    h.send(peers[2], {"type": "ping", "to": "someone-else"})
+    _, fams = scrape(h)
+    ids = {p.peer_id for p in peers}
+    for family in fams.values():
+        for sample in family.samples:
+            for label in sample.labels.values():
+                assert label not in ids and not re.match(r"\d+\.\d+\.\d+\.\d+$", label), (sample, label)
+
+
+def test_error_codes_are_the_contracts():
+    """The error-code label takes exactly the codes the protocol documents (and the code raises)."""
+    doc = open("docs/protocol.rst", encoding="utf-8").read()
+    table = doc[doc.index("\nErrors\n"):doc.index("\nClose codes the server sends\n")]
+    documented = set(re.findall(r"^``([a-z-]+)``\s{2,}", table, re.M))
+    assert set(errors.ERROR_CODES) == documented
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.SignalingError)]
+    raised = {cls.code for cls in classes}
+    assert raised <= set(errors.ERROR_CODES)
+
+
+def test_histogram():
+    hist = Histogram((0.001, 0.01))
+    for v in (0.0005, 0.002, 0.003, 0.5):
+        hist.observe(v)
+    assert hist.buckets() == [("0.001", 1), ("0.01", 3), ("+Inf", 4)]
+    assert hist.count == 4 and hist.quantile(0.5) == 0.01 and hist.quantile(1.0) == float("inf")
+    assert Histogram().quantile(0.5) is None
+
+
+def test_one_relay_in_sample_is_timed():
+    """The relay latency histogram times the first relay and then one in Counts.SAMPLE."""
+    from signaling.metrics import Counts
+
+    h = Harness(rate=0)
+    a, b = h.connect(), h.connect()
+    h.pair(a, b)  # 2 relays
+    for _ in range(3 * Counts.SAMPLE - 2):
+        a.send_json({"type": "ice-candidate", "to": b.peer_id, "data": {}})
+    h.flush()
+    _, fams = scrape(h)
+    assert value(fams, "signaling_relays_total", type="ice-candidate") == 3 * Counts.SAMPLE - 2
+    assert value(fams, "signaling_relay_seconds_count") == 3
