@@ -8,6 +8,8 @@ import fnmatch
 import ipaddress
 from typing import Optional
 
+from twisted.internet.address import UNIXAddress
+
 from signaling.tokens import TokenError, verify_token
 
 
@@ -29,22 +31,31 @@ def normal_ip(text: str) -> Optional[str]:
     return str(ip)
 
 
+#: what a client connected through a UNIX socket is called (its address has no name)
+UNIX_PEER = "unix"
+
+
 def host_of(address) -> str:
-    """The address of a Twisted IAddress, in :func:`normal_ip` form when it is an IP address."""
+    """
+    The address of a Twisted IAddress, in :func:`normal_ip` form when it is
+    an IP address; ``"unix"`` for a client of a UNIX socket.
+    """
     host = getattr(address, "host", None)
     if host is None:
-        return str(address)
+        return UNIX_PEER if isinstance(address, UNIXAddress) else str(address)
     if ":" not in host:
         return host  # IPv4 from the kernel: already in its one form
     return normal_ip(host) or host
 
 
 def _trusted(host: str, networks) -> bool:
+    if host == UNIX_PEER:
+        return UNIX_PEER in networks  # (--trusted-proxy=unix)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return any(address in network for network in networks)
+    return any(address in network for network in networks if not isinstance(network, str))
 
 
 def is_trusted_proxy(peer: str, trusted_proxies) -> bool:

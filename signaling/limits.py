@@ -39,13 +39,17 @@ class TokenBucket:
         return True
 
 
-def address_key(address: str, ipv6_prefix: int = 64) -> str:
+def address_key(address: str, ipv6_prefix: int = 64) -> Optional[str]:
     """
     What per-address limits count by: an IPv4 address as such, an IPv6
     address by its ``/ipv6_prefix`` network (one subscriber usually holds a
     whole /64, so counting single IPv6 addresses would not limit anyone),
-    anything else (a UNIX socket peer) as given.
+    nothing (None) for the clients of a UNIX socket, which are all on this
+    machine and have no address to tell them apart (the total caps still
+    count them), anything else as given.
     """
+    if address == "unix":
+        return None
     if ":" not in address:
         return address  # IPv4 (or not an IP address at all): itself
     try:

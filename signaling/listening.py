@@ -4,6 +4,8 @@ listeners, and the service that binds one endpoint (before privileges are
 dropped, under ``twistd``).
 """
 
+import errno
+import os
 import re
 import socket
 
@@ -11,6 +13,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+
+
+def safe_path(name) -> str:
+    """A socket path for the log (bytes from the kernel decoded, whatever they are)."""
+    return name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else str(name)
 
 _BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
 
@@ -109,12 +116,13 @@ class ListenService(Service):
         def listening(port):
             self.port = port
             address = port.getHost()
-            self._log.info(
-                "{label} listening on {host}:{port}",
-                label=self.label,
-                host=getattr(address, "host", address),
-                port=getattr(address, "port", ""),
-            )
+            if hasattr(address, "host"):
+                self._log.info(
+                    "{label} listening on {host}:{port}", label=self.label, host=address.host, port=address.port
+                )
+            else:  # a UNIX socket
+                self._log.info("{label} listening on unix:{path}", label=self.label,
+                               path=safe_path(getattr(address, "name", address)))
 
         failures = []
         d.addCallbacks(listening, failures.append)
@@ -133,3 +141,72 @@ class ListenService(Service):
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
+
+
+class _ProbeReactor:
+    """
+    Stands in for the reactor to learn what an endpoint string would listen
+    on, listening on nothing (``serverFromString`` and an endpoint's
+    ``listen`` only call these methods of the reactor).
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        self.calls.append(("tcp", port, interface))
+
+    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
+        self.calls.append(("tcp", port, interface))
+
+    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
+        self.calls.append(("unix", address, None))
+
+    def adoptStreamPort(self, fileDescriptor, addressFamily, factory):
+        self.calls.append(("adopted", fileDescriptor, None))
+
+
+def endpoint_error(description: str):
+    """Why ``description`` is not a listening endpoint string, or None if it is one."""
+    try:
+        serverFromString(_ProbeReactor(), description)
+    except Exception as e:  # (each endpoint parser raises its own kinds of errors)
+        return str(e) or e.__class__.__name__
+    return None
+
+
+def cannot_listen(description: str, reuse_port: bool = False):
+    """
+    Why listening on ``description`` would fail now (a port in use, a
+    privileged port, an address this host does not have, a folder that does
+    not exist), found by binding a throwaway socket; None if it would work
+    (or cannot be told in advance: port 0, adopted sockets).
+    """
+    probe = _ProbeReactor()
+    try:
+        endpoint = serverFromString(probe, description)
+        endpoint.listen(object())
+    except Exception as e:
+        return str(e) or e.__class__.__name__
+    for kind, where, interface in probe.calls:
+        if kind == "tcp" and where:
+            family = socket.AF_INET6 if ":" in (interface or "") else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as Twisted does)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((interface or "", where))
+            except OSError as e:
+                host = interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+                why = e.strerror or str(e)
+                if e.errno == errno.EACCES and where < 1024:
+                    why += " (ports below 1024 need root, or CAP_NET_BIND_SERVICE)"
+                return f"port {where} on {host}: {why.lower()}"
+            finally:
+                sock.close()
+        elif kind == "unix":
+            folder = os.path.dirname(os.path.abspath(where))
+            if not os.path.isdir(folder):
+                return f"the folder {folder} does not exist"
+    return None

@@ -21,7 +21,9 @@ from twisted.python import usage
 from signaling import __version__
 from signaling.gcpolicy import GenerationalFreeze
 from signaling.httpguard import GuardedSite
-from signaling.listening import ListenService, make_endpoint
+from signaling.listening import ListenService, cannot_listen, endpoint_error, make_endpoint
+from signaling.logs import is_json_observer_factory, json_log_observer_factory
+from signaling.metrics import ServerMetrics
 from signaling.protocol import SignalingFactory
 from signaling.registry import Registry
 from signaling.service import SignalingService, log_summary
@@ -36,9 +38,23 @@ _log = Logger()
 #: where the resume-token secret is kept by default (in the working directory)
 DEFAULT_RESUME_KEY = "signaling-resume.key"
 
+#: options from the environment: --max-connections is SIGNALING_MAX_CONNECTIONS
+ENV_PREFIX = "SIGNALING_"
 
-def _number(kind, name, allow_zero):
-    """A coercer for a numeric option that names the option in its errors."""
+#: options that may be given more than once (from the environment: a list
+#: separated by commas or whitespace)
+REPEATABLE = ("origin", "stats-origin", "stun", "turn", "trusted-proxy")
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def env_name(option: str) -> str:
+    """The environment variable of ``--option``."""
+    return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+def _number(kind, name, allow_zero, doc, minimum=None):
+    """A coercer for a numeric option that names the option in its errors; ``doc`` ends its help."""
     noun = "a whole number" if kind is int else "a number"
 
     def convert(value):
@@ -46,12 +62,14 @@ def _number(kind, name, allow_zero):
             number = kind(value)
         except ValueError:
             raise ValueError(f"--{name} must be {noun}, got {value!r}") from None
+        if minimum is not None and number < minimum:
+            raise ValueError(f"--{name} must be at least {minimum}, got {value!r}")
         if number < 0 or (number == 0 and not allow_zero):
             rule = "must not be negative" if allow_zero else "must be positive"
             raise ValueError(f"--{name} {rule}, got {value!r}")
         return number
 
-    convert.coerceDoc = "0 disables it." if allow_zero else "Must be positive."
+    convert.coerceDoc = doc
     return convert
 
 
@@ -82,11 +100,22 @@ _ttl.coerceDoc = ""  # type: ignore[attr-defined]
 
 
 def _positive(kind, name):
-    return _number(kind, name, allow_zero=False)
+    return _number(kind, name, False, "Must be positive.")
 
 
-def _non_negative(kind, name):
-    return _number(kind, name, allow_zero=True)
+def _non_negative(kind, name, zero="0 disables it."):
+    """``zero``: what 0 means, for the help ("" when the help says it already)."""
+    return _number(kind, name, True, zero)
+
+
+def _at_least(kind, name, minimum, why):
+    return _number(kind, name, False, f"At least {minimum} ({why}).", minimum)
+
+
+def _one_line(method):
+    """Help from a method's docstring, on one line (Twisted keeps a docstring's indentation)."""
+    method.__doc__ = " ".join((method.__doc__ or "").split())
+    return method
 
 
 class SignalingOptions(usage.Options):
@@ -110,7 +139,8 @@ class SignalingOptions(usage.Options):
         ["ping-interval", None, _DEFAULTS.ping_interval,
          "Seconds between WebSocket pings to each peer (keepalive).", _non_negative(float, "ping-interval")],
         ["ping-timeout", None, _DEFAULTS.ping_timeout,
-         "Seconds to wait for a pong before the peer is dropped.", _non_negative(float, "ping-timeout")],
+         "Seconds to wait for a pong before the peer is dropped.",
+         _non_negative(float, "ping-timeout", "0: never drop a peer for a missing pong.")],
         ["handshake-timeout", None, _DEFAULTS.handshake_timeout,
          "Seconds allowed for a WebSocket opening handshake, and for each HTTP request head "
          "(trickled bytes do not extend it).", _non_negative(float, "handshake-timeout")],
@@ -119,7 +149,7 @@ class SignalingOptions(usage.Options):
          "handshake (HTTP 414 or 431 past it).", _positive(int, "max-request-head")],
         ["max-message-size", None, _DEFAULTS.max_message_size,
          "Largest accepted message in bytes; larger ones close the socket with 1009.",
-         _positive(int, "max-message-size")],
+         _at_least(int, "max-message-size", 65536, "real SDP can be tens of KiB")],
         ["max-fragments", None, _DEFAULTS.max_fragments,
          "Most frames one message may arrive in; more close the socket with 1009.",
          _positive(int, "max-fragments")],
@@ -133,14 +163,15 @@ class SignalingOptions(usage.Options):
          "closed with 1008.",
          _positive(int, "flood-strikes")],
         ["drain-timeout", None, _DEFAULTS.drain_timeout,
-         "Seconds to wait for WebSockets to close on shutdown.", _non_negative(float, "drain-timeout")],
+         "Seconds to wait for WebSockets to close on shutdown.",
+         _non_negative(float, "drain-timeout", "0: do not wait.")],
         ["summary-interval", None, 60.0,
          "Seconds between summary log lines (users, pairs).", _non_negative(float, "summary-interval")],
         ["gc-full-interval", None, 600.0,
          "Seconds between full garbage collections of the whole heap; in between, what "
          "survives a collection is frozen (gc.freeze), so that collections do not pause "
          "for every open connection.  0 leaves Python's collector as it is.",
-         _non_negative(float, "gc-full-interval")],
+         _non_negative(float, "gc-full-interval", "")],
         ["max-connections", None, _DEFAULTS.max_connections,
          "WebSockets allowed at once in total; more are refused with HTTP 503.",
          _positive(int, "max-connections")],
@@ -160,17 +191,18 @@ class SignalingOptions(usage.Options):
          "Bytes that may wait unsent to a peer that does not read before it is dropped.",
          _positive(int, "max-outbound-buffer")],
         ["token-secret-file", None, None,
-         "File with the shared secret for access tokens; when set, WebSockets need a "
-         "valid token (?token= or Authorization: Bearer), else HTTP 401."],
+         "File with the shared secret for access tokens (at least 16 bytes); when set, WebSockets "
+         "need a valid token (?token= or Authorization: Bearer), else HTTP 401."],
         ["token-max-lifetime", None, _DEFAULTS.token_max_lifetime,
          "Seconds an access token may still be valid for when it is presented; tokens "
          "valid for longer are refused (HTTP 401).", _positive(float, "token-max-lifetime")],
         ["stats-token-file", None, None,
-         "File with a bearer token that /api/stats then requires (else HTTP 401)."],
+         "File with a bearer token (at least 16 bytes) that /api/stats, /metrics and "
+         "/api/dashboard then require (else HTTP 401)."],
         ["resume-grace", None, _DEFAULTS.resume_grace,
          "Seconds a peer whose socket was lost (not closed by it) keeps its id, state and partner, "
          "resuming with its welcome's token; its partner is told peer_left only after.  0 disables it.",
-         _non_negative(float, "resume-grace")],
+         _non_negative(float, "resume-grace", "")],
         ["resume-queue", None, _DEFAULTS.resume_queue,
          "Messages kept for a peer in its grace period; past them senders get queue-full.",
          _positive(int, "resume-queue")],
@@ -201,7 +233,57 @@ class SignalingOptions(usage.Options):
         ["no-relay-log", None,
          "Do not log a line per relayed message (the busiest log line; "
          "connects, pairing, errors and summaries are still logged)."],
+        ["json-lines", None,
+         "With twist's JSON log (--log-format=json): one JSON object per line, without the "
+         "RFC 7464 record separator (0x1E) that starts each record otherwise."],
     ]
+
+    def parseOptions(self, options=None):
+        """
+        Parse ``options`` (the command line), each option not given there
+        taken from its environment variable (``SIGNALING_HTTP`` for
+        ``--http``), if set.
+        """
+        argv = list(sys.argv[1:] if options is None else options)
+        from_env = self.environment_arguments(os.environ, argv)
+        try:
+            super().parseOptions(from_env + argv)
+        except usage.UsageError as e:
+            named = [env_name(arg[2:].split("=", 1)[0]) for arg in from_env
+                     if arg[2:].split("=", 1)[0] in str(e)]
+            if named:
+                raise usage.UsageError(f"{e} (from the environment: {named[0]})") from None
+            raise
+
+    def environment_arguments(self, environ, argv) -> List[str]:
+        """Command-line arguments for the options set in ``environ`` and not given in ``argv``."""
+        given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+        out: List[str] = []
+        for name, kind in self.option_kinds():
+            key = env_name(name)
+            if key not in environ or name in given:
+                continue
+            value = environ[key]
+            if kind == "flag":
+                if value.strip().lower() in _TRUE:
+                    out.append(f"--{name}")
+                elif value.strip().lower() not in _FALSE:
+                    raise usage.UsageError(f"{key} must be true or false (1/0, yes/no, on/off), got {value!r}")
+            elif kind == "list":
+                out.extend(f"--{name}={item}" for item in value.replace(",", " ").split())
+            else:
+                out.append(f"--{name}={value}")
+        return out
+
+    @classmethod
+    def option_kinds(cls):
+        """``(name, "parameter" | "flag" | "list")`` of every option that may come from the environment."""
+        for name, *_ in cls.optParameters:
+            yield name, "parameter"
+        for name, *_ in cls.optFlags:
+            yield name, "flag"
+        for name in REPEATABLE:
+            yield name, "list"
 
     def __init__(self):
         super().__init__()
@@ -211,14 +293,18 @@ class SignalingOptions(usage.Options):
         self["turn"] = []
         self["trusted-proxies"] = []
 
+    @_one_line
     def opt_origin(self, origin):
         """
         Allow browsers from this Origin (e.g. https://app.example.com; * and ?
         wildcards work).  Repeatable; without it every origin is allowed.
         Others are refused with HTTP 403.
         """
+        if not origin.strip():
+            raise usage.UsageError("--origin must not be empty (that would refuse every browser)")
         self["origins"].append(origin.rstrip("/"))
 
+    @_one_line
     def opt_stun(self, uri):
         """
         A STUN server for clients' ICE (stun:host[:port]); repeatable.  Sent
@@ -229,6 +315,7 @@ class SignalingOptions(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--stun: {e}") from None
 
+    @_one_line
     def opt_turn(self, uri):
         """
         A TURN server for clients' ICE (turn:host[:port][?transport=udp|tcp] or
@@ -239,38 +326,55 @@ class SignalingOptions(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--turn: {e}") from None
 
+    @_one_line
     def opt_stats_origin(self, origin):
         """
         Let pages from this Origin read /api/stats (CORS; * and ? wildcards
         work).  Repeatable; without it no other origin may.
         """
+        if not origin.strip():
+            raise usage.UsageError("--stats-origin must not be empty")
         self["stats-origins"].append(origin.rstrip("/"))
 
+    @_one_line
     def opt_trusted_proxy(self, network):
         """
-        A reverse proxy (address or CIDR network) whose X-Forwarded-For
-        header gives the client address.  Repeatable.
+        A reverse proxy (address or CIDR network, or "unix" for the clients
+        of a unix: endpoint) whose X-Forwarded-For header gives the client
+        address.  Repeatable.
         """
+        if network == "unix":  # the clients of a UNIX socket endpoint (a proxy on this machine)
+            self["trusted-proxies"].append("unix")
+            return
         try:
             self["trusted-proxies"].append(ipaddress.ip_network(network, strict=False))
         except ValueError:
             raise usage.UsageError(f"--trusted-proxy: not an address or network: {network!r}") from None
 
+    @_one_line
     def opt_version(self):
         """Print the version and exit."""
         print(f"signaling {__version__}")
         raise SystemExit(0)
 
     def postOptions(self):
-        if self["max-message-size"] < 65536:
-            raise usage.UsageError(
-                "--max-message-size must be at least 65536 (real SDP can be tens of KiB)"
-            )
         for name in ("http", "ws"):
             if not self[name]:
                 raise usage.UsageError(f"--{name} must not be empty")
         if self["http"] == "none":
             raise usage.UsageError("--http cannot be 'none'")
+        if self["reuse-port"]:
+            for name in ("http", "ws"):
+                if self[name] != "none" and not self[name].startswith("tcp:"):
+                    raise usage.UsageError(f"--reuse-port works with tcp: endpoints; --{name} is {self[name]!r}")
+        for name in ("http", "ws"):
+            why = endpoint_error(self[name]) if self[name] != "none" else None
+            if why is not None:
+                hint = f" (did you mean tcp:{self[name]}?)" if self[name].isdigit() else ""
+                raise usage.UsageError(
+                    f"--{name}: {self[name]!r} is not a listening endpoint{hint} (tcp:PORT, "
+                    f"tcp:PORT:interface=ADDRESS, ssl:PORT:privateKey=...:certKey=..., unix:PATH): {why}"
+                )
         if self["redis"] is not None:
             from signaling.redis_registry import parse_url
 
@@ -278,10 +382,6 @@ class SignalingOptions(usage.Options):
                 parse_url(self["redis"])
             except ValueError as e:
                 raise usage.UsageError(f"--redis: {e}") from None
-        if self["reuse-port"]:
-            for name in ("http", "ws"):
-                if self[name] != "none" and not self[name].startswith("tcp:"):
-                    raise usage.UsageError(f"--reuse-port works with tcp: endpoints; --{name} is {self[name]!r}")
         self.token_secret = self._secret("token-secret-file")
         self.resume_secret = None  # read (or created) by makeService: see resume_secret()
         if self["resume-secret-file"] is not None and os.path.exists(self["resume-secret-file"]):
@@ -352,6 +452,38 @@ class Options(SignalingOptions):
             sys.stderr.write(f"signaling: {why}\n")
             raise SystemExit(2) from None
 
+    def postOptions(self):
+        super().postOptions()
+        # what would otherwise fail later with a traceback (or, in daemon
+        # mode, a truncated repr): the folders of twistd's own files, and
+        # every listening endpoint, tried now
+        parent = getattr(self, "parent", None)
+        observer = parent.get("fileLogObserverFactory") if parent is not None else None
+        if is_json_observer_factory(observer):
+            # every JSON event gets its rendered message (log_text)
+            parent["fileLogObserverFactory"] = json_log_observer_factory(bool(self["json-lines"]))
+        elif self["json-lines"]:
+            raise usage.UsageError("--json-lines is for twist's JSON log: twist --log-format=json signaling ...")
+        for option in ("logfile", "pidfile"):
+            try:
+                path = parent[option] if parent is not None else None
+            except KeyError:
+                continue
+            if path and path != "-" and isinstance(path, str):
+                folder = os.path.dirname(os.path.abspath(path))
+                if not os.path.isdir(folder):
+                    raise usage.UsageError(
+                        f"twistd --{option}={path}: the folder {folder} does not exist (create it first)"
+                    )
+        problems = []
+        for name in ("http", "ws"):
+            if self[name] != "none":
+                why = cannot_listen(self[name], bool(self["reuse-port"]))
+                if why is not None:
+                    problems.append(f"--{name}={self[name]}: {why}")
+        if problems:
+            raise usage.UsageError("cannot listen: " + "; ".join(problems))
+
 
 def make_ice_servers(options: SignalingOptions, reactor) -> IceServers:
     return IceServers(reactor, options["stun"], options["turn"], options.turn_secrets or (), options["turn-ttl"])
@@ -363,6 +495,7 @@ def make_factory(options: SignalingOptions, registry, reactor, ice_servers=None)
 
 
 def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedSite:
+    metrics = ServerMetrics(factory, registry, reactor)
     web = SignalingWeb(
         registry,
         WebSocketTakeover(factory),
@@ -372,8 +505,9 @@ def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedS
         ice_servers=factory.ice_servers,
         admission=factory.settings,
         clock=reactor,
+        metrics=metrics,
     )
-    return GuardedSite(
+    site = metrics.site = GuardedSite(
         web.resource(), reactor,
         max_connections=options["max-http-connections"],
         max_per_address=options["max-http-connections-per-ip"],
@@ -382,6 +516,7 @@ def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedS
         trusted_proxies=tuple(options["trusted-proxies"]),
         ipv6_prefix=options["ipv6-prefix"],
     )
+    return site
 
 
 #: file descriptors kept for everything but client connections (listeners, Redis, logs)
@@ -472,6 +607,7 @@ def makeService(options: SignalingOptions, reactor=None) -> SignalingService:
         from twisted.internet import reactor
     fit_fd_limit(options)
     resume_secret(options)
+    _log.info("settings: {settings!r}", settings=options.settings())
     registry, backend = make_registry(options, reactor)
     factory = make_factory(options, registry, reactor)
     if backend is not None:

@@ -161,8 +161,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid (3600)")
     parser.add_argument("--peer-id", help="fix the peer id the holder gets")
     args = parser.parse_args(argv)
-    if not args.ttl > 0:
-        parser.error("--ttl must be positive")
+    if not 0 < args.ttl < 10 ** 9:  # (refuses nan, inf and negatives)
+        parser.error(f"--ttl must be a positive number of seconds, got {args.ttl!r}")
+    if args.ttl > 86400:
+        print("warning: servers refuse tokens valid for longer than their --token-max-lifetime "
+              "(86400 s by default)", file=sys.stderr)
     try:
         print(make_token(read_secret(args.secret_file), args.ttl, args.peer_id))
     except (OSError, ValueError) as e:

@@ -49,6 +49,7 @@ class ServerProcess:
         # its working directory (where the default resume secret is kept): its
         # own, or another's (a restart of the same server)
         self.cwd = cwd or self.tmp.name
+        self.env = {}  # environment variables for the server, besides this process's
 
     def argv(self):
         listen = self.listen
@@ -57,8 +58,9 @@ class ServerProcess:
         fmt = ["--log-format=json"] if self.json_logs else []
         return [script("twist"), *fmt, "signaling", *listen, *self.args]
 
-    def start(self, timeout=30.0):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def start(self, timeout=30.0, unix_ws=False):
+        """Start it and wait until it is ready (``unix_ws``: its WebSocket endpoint is a UNIX socket)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
             self.argv(),
             cwd=self.cwd,  # twistd adds its working directory to sys.path
@@ -75,7 +77,7 @@ class ServerProcess:
         self._reader.start()
         deadline = time.monotonic() + timeout
         ready = False
-        while len(self.ports) < 2 or not ready:
+        while len(self.ports) < (1 if unix_ws else 2) or not ready:
             line = self._next_line(deadline)
             ready = ready or "signaling" in line and " ready" in line
             if self.json_logs:
@@ -90,7 +92,7 @@ class ServerProcess:
                 if m:
                     self.ports[m.group(1)] = int(m.group(3))
         self.http = f"http://127.0.0.1:{self.ports['http']}"
-        self.ws = f"ws://127.0.0.1:{self.ports['ws']}/"
+        self.ws = f"ws://127.0.0.1:{self.ports['ws']}/" if not unix_ws else None
         self.ws_on_http = f"ws://127.0.0.1:{self.ports['http']}/ws"
         return self
 

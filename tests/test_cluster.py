@@ -287,6 +287,30 @@ def test_redis_restart(cluster):
     run(go())
 
 
+def test_health_of_a_starting_node_is_never_degraded(cluster):
+    """
+    From its first answer on, a starting node's /api/health says "starting"
+    (503) until it is registered, then "ok": never "degraded" or
+    "disconnected" while Redis is fine.
+    """
+    redis, _ = cluster
+    node = start_node(redis, "n3")
+    try:
+        seen = []
+        deadline = time.monotonic() + 20
+        while True:  # (each turn is a round trip to the node)
+            status, doc = health(node)
+            seen.append((status, doc["status"], doc["redis"]))
+            if status == 200:
+                break
+            assert time.monotonic() < deadline, seen
+        assert set(seen) <= {(503, "starting", "starting"), (200, "ok", "connected")}, set(seen)
+        for _ in range(20):
+            assert health(node)[0] == 200
+    finally:
+        node.stop()
+
+
 def test_node_shutdown_in_cluster_mode(cluster):
     """
     SIGTERM on one node closes its peers with 1001; they resume on another

@@ -148,9 +148,12 @@ def test_token_command(tmp_path, capsys):
     short.write_bytes(b"tiny")
     assert main(["--secret-file", str(short)]) == 2
     assert "at least 16 bytes" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["--secret-file", str(secret_file), "--ttl", "-5"])  # would print an expired token
-    assert e.value.code == 2 and "--ttl must be positive" in capsys.readouterr().err
+    for ttl in ("-5", "0", "nan", "inf"):  # an expired token, or no valid one at all
+        with pytest.raises(SystemExit) as e:
+            main(["--secret-file", str(secret_file), "--ttl", ttl])
+        assert e.value.code == 2 and "--ttl must be a positive number of seconds" in capsys.readouterr().err
+    assert main(["--secret-file", str(secret_file), "--ttl", "604800"]) == 0
+    assert "servers refuse tokens valid for longer" in capsys.readouterr().err
 
 
 def test_token_required_at_handshake():

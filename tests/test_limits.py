@@ -143,3 +143,18 @@ def test_log_budget_aggregates_a_flood():
         budget.allow("x")
     budget.close()
     assert reports[-1] == "2 x" and clock.getDelayedCalls() == []
+
+
+def test_unix_socket_clients():
+    """A UNIX socket's clients are "unix", not limited per address, and believed only with --trusted-proxy=unix."""
+    import ipaddress
+
+    from twisted.internet.address import UNIXAddress
+
+    from signaling.admission import host_of
+
+    assert host_of(UNIXAddress(None)) == host_of(UNIXAddress(b"/run/s.sock")) == "unix"
+    assert address_key("unix") is None
+    assert client_address("unix", "203.0.113.9", ()) == "unix"
+    assert client_address("unix", "203.0.113.9", ("unix",)) == "203.0.113.9"
+    assert client_address("10.0.0.1", "203.0.113.9", ("unix", ipaddress.ip_network("10.0.0.0/8"))) == "203.0.113.9"

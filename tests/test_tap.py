@@ -1,5 +1,7 @@
 """Tier 2: options and service wiring (signaling.tap) against a MemoryReactor."""
 
+import re
+
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -404,3 +406,44 @@ def test_cluster_nodes_share_the_resume_secret_through_redis(tmp_path):
     makeService(o, MemoryReactorClock())
     assert o.resume_secret is None
     assert not (tmp_path / "signaling-resume.key").exists()
+
+
+def test_options_from_the_environment(monkeypatch):
+    """SIGNALING_<NAME> gives an option not on the command line: parameters, flags, lists; the command line wins."""
+    monkeypatch.setenv("SIGNALING_RATE", "3")
+    monkeypatch.setenv("SIGNALING_BURST", "9")
+    monkeypatch.setenv("SIGNALING_REUSE_PORT", "on")
+    monkeypatch.setenv("SIGNALING_STATS_HIDE_IP", "0")
+    monkeypatch.setenv("SIGNALING_ORIGIN", "https://a.example,https://b.example  https://c.example")
+    monkeypatch.setenv("SIGNALING_TRUSTED_PROXY", "10.0.0.0/8 unix")
+    monkeypatch.setenv("SIGNALING_NOT_AN_OPTION", "x")  # ignored
+    o = parse("--burst=4")
+    assert (o["rate"], o["burst"], o["reuse-port"], o["stats-hide-ip"]) == (3.0, 4, 1, 0)
+    assert o["origins"] == ["https://a.example", "https://b.example", "https://c.example"]
+    assert [str(p) for p in o["trusted-proxies"]] == ["10.0.0.0/8", "unix"]
+    o = parse("--origin=https://d.example")  # given on the command line: the variable is not used
+    assert o["origins"] == ["https://d.example"]
+    monkeypatch.setenv("SIGNALING_REUSE_PORT", "maybe")
+    with pytest.raises(usage.UsageError) as e:
+        parse()
+    assert "SIGNALING_REUSE_PORT must be true or false" in str(e.value)
+    monkeypatch.setenv("SIGNALING_REUSE_PORT", "")
+    monkeypatch.setenv("SIGNALING_PING_INTERVAL", "-1")
+    with pytest.raises(usage.UsageError) as e:
+        parse()
+    assert "--ping-interval must not be negative, got '-1' (from the environment: SIGNALING_PING_INTERVAL)" in str(
+        e.value)
+
+
+def test_configuration_table_lists_every_option():
+    """docs/configuration.rst's one table has a row for every option, with its variable."""
+    import os
+
+    from signaling.tap import env_name
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.rst"), encoding="utf-8").read()
+    rows = {m for m in re.findall(r"^   \* - ``--([a-z0-9-]+)``", doc, re.M)}
+    names = {name for name, _ in SignalingOptions.option_kinds()}
+    assert rows == names
+    for name in names:
+        assert f"``{env_name(name)}``" in doc, name
