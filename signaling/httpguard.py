@@ -19,7 +19,8 @@ Every refusal costs O(1) memory and time and is logged within a budget of
 lines per interval (:class:`~signaling.limits.LogBudget`).
 """
 
-from typing import Any, Dict, Optional
+from collections import Counter
+from typing import Any, Optional
 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -229,7 +230,7 @@ class GuardedSite(Site):
         self.clock = clock
         self._access = LogBudget(clock, self._access_held, lines=100)
         self.counts = ConnectionCounts(max_connections, max_per_address)
-        self.refusals: Dict[int, int] = {}  # HTTP status -> connections or requests refused so (metrics)
+        self.refusals: Counter = Counter()  # HTTP status -> connections or requests refused so (metrics)
         self.max_head = max_head
         self.head_timeout = head_timeout
         self.trusted_proxies = trusted_proxies
@@ -270,7 +271,7 @@ class GuardedSite(Site):
     def note(self, what: str, address, status: Optional[int]) -> None:
         """Count a refusal with HTTP ``status`` (if one was sent); log it within the budget of lines."""
         if status is not None:
-            self.refusals[status] = self.refusals.get(status, 0) + 1
+            self.refusals[status] += 1
         if self._budget.allow(what.split(" ", 1)[0]):
             self._log.info("HTTP: refused {ip}: {what}", ip=host_of(address), what=what)
 

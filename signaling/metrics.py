@@ -16,6 +16,7 @@ rest are this process's.
 
 import time
 from bisect import bisect_left
+from collections import Counter
 from typing import Dict, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
@@ -115,7 +116,7 @@ class Counts:
         self.relays: Dict[str, int] = dict.fromkeys(sorted(messages.CLIENT_TYPES), 0)
         self.relayed_bytes = 0
         self.errors: Dict[str, int] = dict.fromkeys(ERROR_CODES, 0)
-        self.handshake_refusals: Dict[int, int] = {}
+        self.handshake_refusals: Counter = Counter()  # HTTP status -> handshakes refused so
         self.grace_started = 0
         self.grace_refused = 0  # lost sockets given no grace period (caps)
         self.resumes: Dict[str, int] = {"resumed": 0, "moved": 0, "new": 0}
@@ -123,19 +124,12 @@ class Counts:
         self.relay_latency = Histogram()  # of one relay in SAMPLE
         self.until_sample = 1  # relays until the next one timed (the first is)
 
-    def relay(self, kind: str, size: int) -> None:
-        self.relays[kind] += 1
-        self.relayed_bytes += size
-
     def error(self, code: str) -> None:
         if code in self.errors:
             self.errors[code] += 1
 
     def disconnect(self, reason: str) -> None:
         self.disconnects[reason if reason in self.disconnects else "other"] += 1
-
-    def refusal(self, table: Dict[int, int], status: int) -> None:
-        table[status] = table.get(status, 0) + 1
 
 
 class SignalingCollector:
@@ -215,8 +209,8 @@ class SignalingCollector:
                        "Lost sockets given no grace period (too many peers in grace).", c.grace_refused)
         yield _labelled("signaling_resumes", "Resume tokens honoured, by outcome (resumed: from grace; "
                         "moved: from an open older socket; new: the same id, idle).", "outcome", c.resumes)
-        expired = c.grace_expired + (self.cluster.expired if self.cluster is not None else 0)
-        yield _counter("signaling_grace_expired", "Grace periods this process ended without a resume.", expired)
+        yield _counter("signaling_grace_expired", "Grace periods this process ended without a resume.",
+                       grace_expired(c, self.cluster))
         yield _histogram("signaling_relay_seconds",
                          "Time from reading a message to handing its relay on (to the write batch, or "
                          "to Redis for a peer elsewhere); one relay in 16 is timed.", c.relay_latency)
@@ -227,6 +221,11 @@ class SignalingCollector:
             yield up
             yield _histogram("signaling_redis_seconds", "Round trips of this node's Redis scripts.",
                              self.cluster.latency)
+
+
+def grace_expired(counts: Counts, cluster) -> int:
+    """Grace periods this process ended: in memory (its sessions), or in Redis (its expiry timers)."""
+    return counts.grace_expired + (cluster.expired if cluster is not None else 0)
 
 
 def _counter(name, doc, value):
@@ -332,7 +331,7 @@ class ServerMetrics:
             "handshake_refusals": {str(k): v for k, v in c.handshake_refusals.items()},
             "http_refusals": {str(k): v for k, v in http_refusals.items()},
             "grace": {"started": c.grace_started, "refused": c.grace_refused, "resumes": dict(c.resumes),
-                      "expired": c.grace_expired + (self.cluster.expired if self.cluster is not None else 0)},
+                      "expired": grace_expired(c, self.cluster)},
             "relay_latency": _quantiles(latency),
         }
         if self.cluster is not None:

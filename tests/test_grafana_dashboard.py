@@ -182,7 +182,7 @@ def memory_exposition():
     a, b = h.connect(), h.connect()
     h.pair(a, b)
     metrics = ServerMetrics(h.factory, h.registry, h.clock)
-    h.factory.metrics.refusal(h.factory.metrics.handshake_refusals, 403)
+    h.factory.metrics.handshake_refusals[403] += 1
     metrics.site = SimpleNamespace(counts=SimpleNamespace(total=1), refusals={429: 1})
     assert metrics.refresh().called
     return metrics.exposition().decode("utf-8")

@@ -323,10 +323,7 @@ export class SignalingClient extends EventTarget {
     this.peerId = peerId;
     this.role = "caller";
     this._setCallState("calling");
-    const reply = this._waitFor(
-      (m) => (m.type === "pong" && m.from === peerId) || (m.type === "error" && m.ref === "ping"),
-      this.pongTimeout
-    );
+    const reply = this._pongOrRefusal(peerId);
     let msg;
     try {
       this.ping(peerId, { call: true });
@@ -511,6 +508,14 @@ export class SignalingClient extends EventTarget {
     });
   }
 
+  // The answer to a ping of ours: ``peer``'s pong, or the server's refusal of the ping.
+  _pongOrRefusal(peer) {
+    return this._waitFor(
+      (m) => (m.type === "pong" && m.from === peer) || (m.type === "error" && m.ref === "ping"),
+      this.pongTimeout
+    );
+  }
+
   _fail(error) {
     for (const w of this._waiters) {
       clearTimeout(w.timer);
@@ -635,10 +640,7 @@ export class SignalingClient extends EventTarget {
     const peer = this.peerId;
     const until = Date.now() + this.reconnectFor;
     while (this._repairing && this.peerId === peer && Date.now() < until) {
-      const reply = this._waitFor(
-        (m) => (m.type === "pong" && m.from === peer) || (m.type === "error" && m.ref === "ping"),
-        this.pongTimeout
-      );
+      const reply = this._pongOrRefusal(peer);
       let msg = null;
       try {
         this.ping(peer, { call: true, again: true });
