@@ -44,6 +44,7 @@ from signaling.errors import (
     SERVER_FAULT,
     PeerIdTaken,
     SignalingError,
+    refusal,
 )
 from signaling.fastpath import FastPath
 from signaling.frameguard import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG, FrameGuard, HeldConnections
@@ -81,7 +82,25 @@ _OPERATIONS = {
 
 
 class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  # type: ignore[misc]  # (Autobahn's)
-    """One browser peer."""
+    """
+    One browser peer, speaking the native protocol.
+
+    Other wire formats (PeerJS at ``/peerjs``, y-webrtc at ``/yjs``) are
+    subclasses that the factory maps to a path (:meth:`SignalingFactory.serve`):
+    the handshake's path picks the class in :meth:`onConnect`, before anything
+    else about the connection is decided.  A subclass names its format
+    (:attr:`wire`), keeps its ids apart (:attr:`id_prefix`: every id it
+    registers starts with it; native ids never contain ``/``), and overrides
+    the wire-facing hooks: :meth:`_identity` (the id and resume token a
+    handshake asks for), :meth:`_welcome`, :meth:`_join_failed` and
+    :meth:`_handle`.  Admission, limits, the outbound cap, delivery (here or
+    through the cluster), metrics and logs are the same for every format.
+    """
+
+    #: the wire format this class speaks (stats, metrics and logs name it)
+    wire = "native"
+    #: what every id this format registers starts with ("" for native ids, which never contain "/")
+    id_prefix = ""
 
     _log = Logger()  # Autobahn owns ``self.log``
     #: Autobahn's own log lines for this protocol, with client-controlled values made safe
@@ -112,6 +131,12 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     def onConnect(self, request):
         """Admit or refuse the WebSocket handshake (HTTP status and reason on refusal)."""
         factory = self.factory
+        wire = factory.wire_formats.get(request.path)
+        if wire is not None and type(self) is not wire:
+            # another wire format on this path: this connection is one of its
+            # protocols from now on (a subclass: same state, other hooks)
+            self.__class__ = wire
+            return self.onConnect(request)
         settings = factory.settings
         if self._key is None:  # through a trusted proxy: count the client it forwards for
             self.ip = client_address(self.ip, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
@@ -122,15 +147,11 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         unready = factory.unready()
         if unready is not None:
             self._deny(503, unready)
-        token = request_token((request.params.get("token") or [None])[0], request.headers.get("authorization"))
         try:
-            claims = authorize(settings, request.origin, token, factory.clock.seconds())
+            claims = authorize(settings, request.origin, self._access_token(request), factory.clock.seconds())
         except Refused as e:
             self._deny(e.status, e.reason)
-        fixed = claims.get("sub") if claims is not None else None
-        resume = factory.resume_id((request.params.get("resume") or [None])[0])
-        if fixed is not None and resume is not None and resume != fixed:
-            resume = None  # a token for another id than the access token fixes: not resumed
+        fixed, resume = self._identity(request, claims)
         self._resume_id = resume
         if fixed is not None:
             if fixed in factory.reserved:  # another handshake with that id is under way
@@ -141,6 +162,23 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             self._reserving = True
             factory.reserved.add(fixed)
         return None
+
+    def _access_token(self, request) -> Optional[str]:
+        """The access token a handshake presents (``?token=``, or ``Authorization: Bearer``)."""
+        return request_token((request.params.get("token") or [None])[0], request.headers.get("authorization"))
+
+    def _identity(self, request, claims):
+        """
+        ``(fixed id, resume id)`` for an admitted handshake: the id its access
+        token fixes (``sub``), and the id its resume token asks back, if
+        valid; either may be None.  (Other wire formats take their ids
+        from elsewhere, starting with their :attr:`id_prefix`.)
+        """
+        fixed = claims.get("sub") if claims is not None else None
+        resume = self.factory.resume_id((request.params.get("resume") or [None])[0])
+        if fixed is not None and resume is not None and resume != fixed:
+            resume = None  # a token for another id than the access token fixes: not resumed
+        return fixed, resume
 
     def dataReceived(self, data):
         self._read_at = perf_counter()  # (the relays it brings are timed from here: metrics)
@@ -489,6 +527,10 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
 
     def _process(self, message: messages.Message, size: int):
         factory = self.factory
+        if "/" in message.to:  # another wire format's id: never a native peer's
+            e = refusal("no-such-peer")
+            self._error(e.code, e.message, message.type)
+            return None
         operation_name = _OPERATIONS[message.type]
         if (
             operation_name == "check_paired"
@@ -546,7 +588,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             else:
                 self._error("peer-not-found", NOT_DELIVERED, message.type)
             return
-        # (Counts.relay inlined: this runs for every relay; the latency of one
+        # (this runs for every relay: plain additions; the latency of one
         # relay in Counts.SAMPLE is timed, which keeps the cost out of sight)
         metrics = self.factory.metrics
         metrics.relays[message.type] += 1
@@ -613,7 +655,9 @@ class SignalingFactory(WebSocketServerFactory):
                 return str(uuid4())
 
         self.new_id = new_id
-        self.connections: Dict[str, SignalingServerProtocol] = {}
+        self.connections: Dict[str, SignalingServerProtocol] = {}  # by id (with its format's id_prefix)
+        #: handshake path -> the protocol class of another wire format served there (see serve())
+        self.wire_formats: Dict[str, type] = {}
         self.shutting_down = False
         # every WebSocket connection from its first byte to its end, in total
         # and per address key (an IPv6 client by its /ipv6_prefix network)
@@ -640,6 +684,19 @@ class SignalingFactory(WebSocketServerFactory):
             # 1007 bad UTF-8, 1002 protocol error), not a bare TCP drop
             failByDrop=False,
         )
+
+    def serve(self, path: str, protocol) -> None:
+        """
+        Serve another wire format at ``path`` (``/peerjs``): ``protocol`` is
+        a subclass of :class:`SignalingServerProtocol`, with its own
+        :attr:`~SignalingServerProtocol.wire` and ``id_prefix``.  Every
+        other path stays the native protocol.
+        """
+        if not (isinstance(protocol, type) and issubclass(protocol, SignalingServerProtocol)):
+            raise TypeError(f"{protocol!r} is not a SignalingServerProtocol")
+        if not protocol.id_prefix.endswith("/") or protocol.wire == SignalingServerProtocol.wire:
+            raise ValueError(f"{protocol.__name__} needs its own wire name and an id_prefix ending in '/'")
+        self.wire_formats[path] = protocol
 
     # -- admission ----------------------------------------------------------
 
@@ -702,7 +759,7 @@ class SignalingFactory(WebSocketServerFactory):
 
     def note_refusal(self, ip: str, status: int, reason: str) -> None:
         """Count a refused handshake, and log it within a budget of lines per interval."""
-        self.metrics.refusal(self.metrics.handshake_refusals, status)
+        self.metrics.handshake_refusals[status] += 1
         if self._refusals.allow(str(status)):
             self._log.info("refused connection from {ip}: {status} {reason}", ip=ip, status=status, reason=reason)
 

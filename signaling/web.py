@@ -88,6 +88,11 @@ class WebSocketTakeover(WebSocketResource):
     is done.
     """
 
+    def __init__(self, factory):
+        super().__init__(factory)
+        #: the other wire formats' paths (SignalingFactory.serve), served here too
+        self.wire_formats = getattr(factory, "wire_formats", {})
+
     def render(self, request):
         channel = request.channel
         result = super().render(request)
@@ -133,8 +138,9 @@ def page_policy(html: bytes) -> bytes:
 
 class Root(Resource):
     """
-    The HTTP port: ``/ws`` goes straight to the WebSocket resource and
-    everything else to the Klein app.  (Klein's and werkzeug's routing
+    The HTTP port: ``/ws`` (and the path of every other wire format the
+    WebSocket factory serves, see ``SignalingFactory.serve``) goes straight
+    to the WebSocket resource and everything else to the Klein app.  (Klein's and werkzeug's routing
     leave each request they handle in reference cycles; an upgraded
     WebSocket would tie its whole connection to them.)  Every response
     gets :data:`SECURITY_HEADERS`.
@@ -145,11 +151,17 @@ class Root(Resource):
         self.app_resource = app_resource
         self.ws_resource = ws_resource
 
+    def _ws_paths(self):
+        """The paths of the other wire formats the WebSocket factory serves (as bytes)."""
+        return {path.encode("utf-8") for path in getattr(self.ws_resource, "wire_formats", ())}
+
     def getChildWithDefault(self, name, request):
         headers = request.responseHeaders
         for header, value in SECURITY_HEADERS:
             headers.setRawHeaders(header, [value])
-        if name == b"ws" and not request.postpath and self.ws_resource is not None:
+        if not request.postpath and self.ws_resource is not None and (
+            name == b"ws" or b"/" + name in self._ws_paths()
+        ):  # the native WebSocket at /ws, another wire format's at its own path (/peerjs)
             return self.ws_resource
         request.postpath.insert(0, request.prepath.pop())  # the app sees the whole path
         return self.app_resource
@@ -343,20 +355,22 @@ class SignalingWeb:
             request.setResponseCode(503)
         return json.dumps({"status": status, **doc}).encode("utf-8")
 
-    @app.route("/test.html", methods=["GET", "HEAD"])
-    def test_html(self, request):
+    @staticmethod
+    def _page(request, page: bytes, policy: bytes) -> bytes:
+        """One of our HTML pages, with its own Content-Security-Policy."""
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"Content-Security-Policy", self.test_page_policy)
-        return self.test_page
+        request.setHeader(b"Content-Security-Policy", policy)
+        return page
+
+    @app.route("/test.html", methods=["GET", "HEAD"])
+    def test_html(self, request):
+        return self._page(request, self.test_page, self.test_page_policy)
 
     @app.route("/dashboard", methods=["GET", "HEAD"])
     def dashboard(self, request):
         """The live dashboard: a static page; what it shows comes from /api/dashboard and /api/stats."""
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"Content-Security-Policy", self.dashboard_policy)
-        return self.dashboard_page
+        return self._page(request, self.dashboard_page, self.dashboard_policy)
 
     @app.route("/signaling.js", methods=["GET", "HEAD"])
     def signaling_js(self, request):

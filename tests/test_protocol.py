@@ -490,3 +490,61 @@ def test_peer_that_cannot_be_registered_is_never_welcomed():
     assert c.take() == []
     assert c.closed_with is not None and c.closed_with[1] == 1013
     assert h.factory.connections == {} and h.factory.admitted == 0
+
+
+def _echo_protocol():
+    """A toy wire format for the seam tests: its id from ?id=, "hello" on open, each frame to its "to"."""
+    from signaling.protocol import SignalingServerProtocol
+
+    class Echo(SignalingServerProtocol):
+        wire = "echo"
+        id_prefix = "echo/"
+
+        def _identity(self, request, claims):
+            return self.id_prefix + request.params["id"][0], None
+
+        def _welcome(self, _, resumed=False):
+            self.factory.unreserve(self)
+            self._welcomed = True
+            self.send(json.dumps({"type": "hello", "id": self.peer_id}).encode())
+
+        def _handle(self, payload, isBinary):
+            self.factory.deliver(self.id_prefix + json.loads(payload)["to"], payload)
+
+    return Echo
+
+
+def test_other_wire_formats_share_the_core_at_their_own_path(h):
+    """
+    A protocol served at a path (SignalingFactory.serve) takes the connections
+    whose handshake asks for that path; its ids live in the same registry and
+    delivery as native ids, under its prefix, and native peers cannot address them.
+    """
+    echo = _echo_protocol()
+    h.factory.serve("/echo", echo)
+    native = h.connect()
+    x = h.connect(handshake=False, url="ws://127.0.0.1:8080/echo?id=x")
+    y = h.connect(handshake=False, url="ws://127.0.0.1:8080/echo?id=y")
+    assert x.take() == [{"type": "hello", "id": "echo/x"}] and y.take() == [{"type": "hello", "id": "echo/y"}]
+    assert type(x.server) is echo and type(native.server) is not echo
+    assert {"echo/x", "echo/y", native.peer_id} <= {p.id for p in h.registry.peers()}
+    h.send(x, {"to": "y", "n": 1})
+    assert y.take() == [{"to": "y", "n": 1}]
+    for kind in ("ping", "offer"):
+        h.send(native, {"type": kind, "to": "echo/x"})
+        assert errors(native) == [("peer-not-found", kind)]
+    assert x.take() == []
+    x.sendClose(1000)
+    h.flush()
+    assert "echo/x" not in h.registry and "echo/x" not in h.factory.connections
+
+
+def test_serve_refuses_a_format_that_would_share_native_ids(h):
+    from signaling.protocol import SignalingServerProtocol
+
+    with pytest.raises(TypeError):
+        h.factory.serve("/x", object)
+    with pytest.raises(ValueError):
+        h.factory.serve("/x", type("Bad", (SignalingServerProtocol,), {"wire": "bad", "id_prefix": ""}))
+    with pytest.raises(ValueError):
+        h.factory.serve("/x", type("Bad", (SignalingServerProtocol,), {"id_prefix": "bad/"}))
