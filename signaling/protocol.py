@@ -51,7 +51,7 @@ from signaling.frameguard import CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG, FrameGua
 from signaling.framing import text_frame
 from signaling.limits import ConnectionCounts, LogBudget, TokenBucket, address_key
 from signaling.metrics import Counts, close_reason
-from signaling.registry import IClusterRegistry, ILocalPeers
+from signaling.registry import CONNECTED, IClusterRegistry, ILocalPeers
 from signaling.results import is_deferred, then
 from signaling.safetext import SafeLogger, safe, txaio_off
 from signaling.sessions import MOVED, NEW, RESUMED, ISessions, LocalSessions
@@ -120,6 +120,10 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     _read_at = 0.0  # perf_counter() at its last read
     _reserving = False  # holds the reservation of its fixed id (until it has joined or closed)
     _errors = None  # LogBudget of this peer's error lines, made at its first error
+    # (cluster mode) the connection of this peer's partner while both are on
+    # this node and known paired: their relays need no Redis (see _link)
+    _partner: Optional["SignalingServerProtocol"] = None
+    _unlinks = 0  # how many times a link of this connection was dropped (see _link)
 
     def _connectionMade(self):
         _compat.connection_made_quietly(self, WebSocketServerProtocol)
@@ -273,6 +277,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     def onClose(self, wasClean, code, reason):
         if self._errors is not None:
             self._errors.close()
+        self._unlink()
         if self._welcomed:
             self.factory.metrics.disconnect(self._disconnect_reason())
         if self.peer_id is None or not hasattr(self, "closed"):
@@ -532,20 +537,33 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             self._error(e.code, e.message, message.type)
             return None
         operation_name = _OPERATIONS[message.type]
-        if (
-            operation_name == "check_paired"
-            and message.to not in factory.connections
-            and IClusterRegistry.providedBy(factory.registry)
-        ):  # a peer elsewhere in a cluster: the check and the delivery in one round trip
-            sender = self.peer_id
-            payload = messages.encode(messages.relay(message.type, sender, message.data))
-            return factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
-                self._relayed,
-                self._refused,
-                callbackArgs=(message, sender, size, self._read_at),
-                errbackArgs=(message,),
-            )
         started = self._read_at
+        link = None
+        if factory.cluster is not None:
+            if operation_name == "check_paired":
+                partner = self._partner
+                if partner is not None and partner.peer_id == message.to and partner.state == _compat.STATE_OPEN:
+                    # both on this node and paired, which only this node can
+                    # undo: no Redis (docs/cluster.rst, "Relays")
+                    sender = self.peer_id
+                    payload = messages.encode(messages.relay(message.type, sender, message.data))
+                    return self._relayed(partner.send(payload), message, sender, size, started)
+                if message.to not in factory.connections:
+                    # a peer elsewhere: the check and the publish in one
+                    # script, in one round trip (waited for: what follows
+                    # from this peer must not overtake it; see docs/cluster.rst)
+                    sender = self.peer_id
+                    payload = messages.encode(messages.relay(message.type, sender, message.data))
+                    return factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
+                        self._relayed,
+                        self._refused,
+                        callbackArgs=(message, sender, size, started),
+                        errbackArgs=(message,),
+                    )
+            elif operation_name == "disconnect":
+                self._unlink()  # before Redis ends the pairing: from now on relays are checked there
+            if operation_name != "disconnect":
+                link = self._link_state(message.to)
         operation = getattr(factory.registry, operation_name)
         try:
             result = operation(self.peer_id, message.to)
@@ -556,10 +574,52 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             return result.addCallbacks(
                 self._relay,
                 self._refused,
-                callbackArgs=(message, size, started),
+                callbackArgs=(message, size, started, link),
                 errbackArgs=(message,),
             )
-        return self._relay(result, message, size, started)
+        return self._relay(result, message, size, started, link)
+
+    # -- links: the pairs of this node that need no Redis to relay (cluster mode) --
+
+    def _link_state(self, to: str):
+        """What :meth:`_link` needs to link this connection with ``to``'s, if ``to`` is here."""
+        partner = self.factory.connections.get(to)
+        if partner is None:
+            return None
+        return partner, self._unlinks, partner._unlinks
+
+    def _link(self, state) -> None:
+        """
+        After Redis answered that this peer and the one of ``state`` are
+        paired: relay between their connections directly from now on,
+        unless either link was dropped since the question was asked (then
+        Redis may already have ended the pairing: the next relay asks again).
+        A pairing of two peers of this node can only end by what their own
+        connections do here (disconnect, close), each of which drops the
+        link first (:meth:`_unlink`), or by this node losing Redis or its
+        registration (the registry then calls ``forget_links``).
+        """
+        partner, mine, theirs = state
+        if (
+            mine != self._unlinks or theirs != partner._unlinks or self.peer_id is None
+            or partner.peer_id is None or partner.state != _compat.STATE_OPEN
+            or self.state != _compat.STATE_OPEN
+        ):
+            return
+        self._unlink()
+        partner._unlink()
+        self._partner = partner
+        partner._partner = self
+
+    def _unlink(self) -> None:
+        """Relay between this connection and its partner's through Redis again (both ends)."""
+        self._unlinks += 1
+        partner = self._partner
+        if partner is not None:
+            self._partner = None
+            if partner._partner is self:
+                partner._partner = None
+                partner._unlinks += 1
 
     def _refused(self, failure, message: messages.Message) -> None:
         error = failure.check(SignalingError)
@@ -570,10 +630,12 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             e = failure.value
             self._error(e.code, e.message, message.type)
 
-    def _relay(self, transitions, message: messages.Message, size: int, started: float):
+    def _relay(self, transitions, message: messages.Message, size: int, started: float, link=None):
         sender = self.peer_id
         if transitions:
-            self.factory.log_transitions(transitions)
+            self.factory.note_transitions(transitions)
+        if link is not None and message.type != "ping":
+            self._link(link)  # (a pong or a check that passed: the two are paired in Redis)
         payload = messages.encode(messages.relay(message.type, sender, message.data))
         delivered = self.factory.deliver(message.to, payload)
         if is_deferred(delivered):
@@ -634,7 +696,7 @@ class SignalingFactory(WebSocketServerFactory):
         # them), else in this process
         self._local_sessions: Optional[LocalSessions] = None
         self.sessions: ISessions
-        if IClusterRegistry.providedBy(registry):
+        if self.cluster is not None:
             self.sessions = registry
         else:
             self.sessions = self._local_sessions = LocalSessions(
@@ -698,12 +760,23 @@ class SignalingFactory(WebSocketServerFactory):
             raise ValueError(f"{protocol.__name__} needs its own wire name and an id_prefix ending in '/'")
         self.wire_formats[path] = protocol
 
+    @property
+    def registry(self):
+        """The :class:`~signaling.registry.IRegistry` (setting it also sets :attr:`cluster`)."""
+        return self._registry
+
+    @registry.setter
+    def registry(self, registry) -> None:
+        self._registry = registry
+        #: the registry if it is a cluster's (an IClusterRegistry), else None
+        self.cluster = registry if IClusterRegistry.providedBy(registry) else None
+
     # -- admission ----------------------------------------------------------
 
     def unready(self) -> Optional[str]:
         """Why no peer may be admitted now (a cluster node not registered), or None."""
         registry = self.registry
-        if not IClusterRegistry.providedBy(registry) or registry.ready:
+        if self.cluster is None or registry.ready:
             return None
         return "cluster state unavailable ({}); try again".format(registry.health().get("redis", "not ready"))
 
@@ -796,6 +869,7 @@ class SignalingFactory(WebSocketServerFactory):
         return result
 
     def leave(self, proto: SignalingServerProtocol, peer_id: str, clean: bool, code):
+        proto._unlink()  # (before Redis removes it and ends its pairing)
         if self.connections.get(peer_id) is proto:
             del self.connections[peer_id]
         self._log.info(
@@ -816,7 +890,7 @@ class SignalingFactory(WebSocketServerFactory):
         return None
 
     def _left(self, gone: str, transitions):
-        self.log_transitions(transitions)
+        self.note_transitions(transitions)
         payload = messages.encode(messages.peer_left(gone))
         pending = []
         for t in transitions:
@@ -844,7 +918,7 @@ class SignalingFactory(WebSocketServerFactory):
         """
         if self.settings.resume_secret is not None:
             return self.settings.resume_secret
-        if IClusterRegistry.providedBy(self.registry) and self.registry.resume_secret is not None:
+        if self.cluster is not None and self.registry.resume_secret is not None:
             return self.registry.resume_secret
         return self._own_secret
 
@@ -980,7 +1054,7 @@ class SignalingFactory(WebSocketServerFactory):
             held = self._local_sessions.hold(to, payload)
             if held is not None:  # in its grace period: kept for it, or its queue is full
                 return True if held else QUEUE_FULL
-        if IClusterRegistry.providedBy(self.registry):
+        if self.cluster is not None:
             return self.registry.route(to, payload)
         return False
 
@@ -992,6 +1066,21 @@ class SignalingFactory(WebSocketServerFactory):
     def local_peers(self):
         """(id, ip, connected_at, conn) of every open connection of this process."""
         return [(p.peer_id, p.ip, p.connected_at, p.conn_id) for p in list(self.connections.values())]
+
+    def forget_links(self) -> None:
+        """Relay every pair of this node through Redis again (it lost Redis, or re-registered)."""
+        for proto in list(self.connections.values()):
+            proto._unlink()
+
+    def note_transitions(self, transitions) -> None:
+        """Log what a registry operation changed; a peer here that is no longer paired relays through Redis."""
+        connections = self.connections
+        for t in transitions:
+            if t.new != CONNECTED:
+                proto = connections.get(t.peer)
+                if proto is not None:
+                    proto._unlink()
+        self.log_transitions(transitions)
 
     def log_transitions(self, transitions) -> None:
         for t in transitions:

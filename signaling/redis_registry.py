@@ -445,6 +445,7 @@ class RedisRegistry(RedisRules, Service):
             return
         self.state = state
         self.state_since = self.clock.seconds()
+        self._local.forget_links()  # (registered anew, or cut off: nothing Redis said about pairs holds)
         if state == CONNECTED:
             dropped, added = sync or (0, 0)
             self._log.info(
@@ -561,6 +562,7 @@ class RedisRegistry(RedisRules, Service):
 
     def _sync(self):
         """Record the heartbeat and make Redis hold exactly this node's live peers."""
+        self._local.forget_links()  # (perhaps reaped meanwhile: its pairs may be gone from Redis)
         args = []
         for peer_id, ip, at, conn in self._local.local_peers():
             args += [peer_id, ip, repr(at), conn]
@@ -694,6 +696,9 @@ class _NoLocalPeers:
         return []
 
     def evict(self, peer_id, conn):
+        pass
+
+    def forget_links(self):
         pass
 
 

@@ -219,6 +219,13 @@ class ILocalPeers(Interface):
         still holds it, without ending the session.
         """
 
+    def forget_links():
+        """
+        Check every relay through the registry again: what it said about
+        which peers are paired may no longer hold (this node lost Redis, or
+        was re-registered after being taken for dead).
+        """
+
 
 @implementer(IRegistry)
 class Registry:

@@ -44,7 +44,11 @@ class Node:
         self._waiting = []
         self.peers = {}  # id -> (ip, at, conn): this node's open connections
         self.evicted = []  # (id, conn) the registry told this node to close
+        self.forgot_links = 0  # how many times the registry said its answers about pairs may no longer hold
         self.registry.attach(self)
+
+    def forget_links(self):
+        self.forgot_links += 1
 
     def local_peers(self):
         return [(i, ip, at, conn) for i, (ip, at, conn) in self.peers.items()]
