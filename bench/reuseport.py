@@ -1,6 +1,7 @@
 """
 One host, many cores: 1 versus 2 server processes sharing one listening port
-(--reuse-port) and joined through Redis, under the same relay load.
+(--reuse-port) and joined through Redis, under the same relay load; and, for
+reference, one process without Redis.
 
     python bench/reuseport.py              # 50 pairs, 8 in flight, 5 s each
 """
@@ -24,6 +25,12 @@ def main():
     parser.add_argument("--seconds", type=float, default=5)
     args = parser.parse_args()
     report = {"pairs": args.pairs, "inflight": args.inflight, "cores": os.cpu_count()}
+    solo = Server(*MEASURED)  # the reference: one process, no Redis
+    try:
+        report["1_process_no_redis"] = run_loadgen("relay", solo.ws, "--pairs", str(args.pairs),
+                                                   "--inflight", str(args.inflight), "--seconds", str(args.seconds))
+    finally:
+        solo.stop()
     for count in (1, 2):
         redis = RedisServer().start()
         port = free_port()
