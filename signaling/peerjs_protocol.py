@@ -23,9 +23,11 @@ order; new ones for the same id wait behind them.
 PeerJS's reconnect (the same id and token on a new socket) takes the
 session back through the core's resume: from an older connection still
 open, or from its grace period (what was sent to it meanwhile follows the
-OPEN).  The tokens are known by the node the client was connected to: a
-client that comes back to another node of a cluster gets ID-TAKEN until its
-session there ends (its grace period).
+OPEN).  A token is kept as its SHA-256 digest, by the node the client is
+connected to, and in a cluster also in Redis (``P peerjs:<id>``: the digest
+and the connection holding the id, see ``signaling/lua/peerjs_*.lua``), so
+that the same client may come back to any node; only while its connection
+is open or its session in its grace period.
 """
 
 import hmac
@@ -53,6 +55,9 @@ PATH = "/peerjs"
 PREFIX = "peerjs/"
 #: seconds between tries to deliver waiting messages to ids connected to another node (a cluster)
 RETRY_INTERVAL = 0.5
+#: seconds a client's token is kept in Redis at most, while its connection is open (a backstop: it is
+#: removed when the connection closes, or kept for the grace period only)
+CLUSTER_CLAIM_TTL = 86400
 #: what the server says when the cluster's shared state is unreachable at a client's join
 UNAVAILABLE = "the server cannot register peers now (its cluster state is unreachable); try again"
 
@@ -134,6 +139,10 @@ class PeerJSRealm:
     def joined(self, peer_id: str, digest: bytes, proto) -> None:
         """``proto`` was given ``peer_id`` (OPEN): remember its token; what waits for it follows."""
         self._claims[peer_id] = _Claim(digest, proto)
+        run = self._scripts()
+        if run is not None:  # (so that the same client may come back to another node)
+            self._quietly(run("peerjs_claim", peer_id, digest.hex(), proto.conn_id, str(CLUSTER_CLAIM_TTL)),
+                          peer_id)
         self.flush(peer_id)
 
     def closed(self, peer_id: str, proto, may_resume: bool) -> None:
@@ -142,7 +151,13 @@ class PeerJSRealm:
         if claim is None or claim.proto is not proto:
             return  # (another connection holds it now)
         grace = self.factory.settings.resume_grace
-        if not may_resume or grace <= 0:
+        may_resume = may_resume and grace > 0
+        run = self._scripts()
+        if run is not None:
+            seconds = int(grace) + 10 if may_resume else 0
+            self._quietly(run("peerjs_release", peer_id, f"{claim.digest.hex()}:{proto.conn_id}", str(seconds)),
+                          peer_id)
+        if not may_resume:
             del self._claims[peer_id]
             return
         # (in a cluster the grace period is Redis's, begun a little later than
@@ -150,6 +165,28 @@ class PeerJSRealm:
         margin = 0 if isinstance(self.factory.sessions, LocalSessions) else min(1.0, grace / 10)
         claim.until = self.factory.clock.seconds() + grace - margin
         self._lost.append((claim.until, peer_id, claim))
+
+    def same_client_elsewhere(self, peer_id: str, digest: bytes):
+        """
+        In a cluster, a Deferred firing with whether ``peer_id`` is held (or
+        in its grace period) on another node by a client with this token;
+        None without a cluster.
+        """
+        run = self._scripts()
+        if run is None:
+            return None
+        return then(run("peerjs_check", peer_id, digest.hex()), lambda reply: reply == 1)
+
+    def _scripts(self):
+        """The Redis registry's way of running a script of signaling/lua (``RedisRules._execute``), or None."""
+        registry = self.factory.registry
+        run = getattr(registry, "_execute", None)
+        return run if IClusterRegistry.providedBy(registry) and callable(run) else None
+
+    def _quietly(self, d, peer_id: str) -> None:
+        if is_deferred(d):
+            d.addErrback(lambda f: self._log.warn("PeerJS token of {peer} not recorded in Redis: {why}",
+                                                  peer=peer_id, why=f.getErrorMessage()))
 
     def _purge(self) -> None:
         now = self.factory.clock.seconds()
@@ -327,6 +364,7 @@ class PeerJSProtocol(SignalingServerProtocol):
     #: a handshake refused in PeerJS's way (a frame, then a close): (frame, reason)
     _refusal: Optional[Tuple[bytes, str]] = None
     _digest = b""  # of its token
+    _claimed: Optional[str] = None  # the id it was given (OPEN), with its token
 
     # -- admission and identity ------------------------------------------------------------
 
@@ -400,28 +438,46 @@ class PeerJSProtocol(SignalingServerProtocol):
         self._welcomed = True
         self.send(peerjs.OPEN)
         factory.metrics.connects += 1
+        self._claimed = peer_id
         factory.peerjs.joined(peer_id, self._digest, self)
 
     def _join_failed(self, failure):
         if failure.check(PeerIdTaken):
-            self.factory.unreserve(self)
-            self._log.info("PeerJS peer {peer} refused: id taken (elsewhere in the cluster)", peer=self.peer_id)
-            self._id_taken()
-            return None
+            check = self.factory.peerjs.same_client_elsewhere(self.peer_id, self._digest) if self.peer_id else None
+            if check is None:
+                self._taken()
+                return None
+            if is_deferred(check):  # (Redis unreachable: as taken)
+                return check.addCallbacks(self._held_elsewhere, lambda _: self._taken())
+            return self._held_elsewhere(check)
         if failure.check(SignalingError):
             self.send(peerjs.error(UNAVAILABLE))
         return super()._join_failed(failure)
 
+    def _held_elsewhere(self, same: bool):
+        """The id is held in the cluster: by this very client (``same``) on another node, or by another."""
+        if self.peer_id is None:
+            self.factory.unreserve(self)
+            return None  # it closed meanwhile
+        if not same:
+            self._taken()
+            return None
+        self._log.info("PeerJS peer {peer} came back with its token: taking its session over from another node",
+                       peer=self.peer_id)
+        return self._resume_session()
+
     def _resumed(self, outcome):
         if outcome is None and self.peer_id is not None:  # the id is someone else's now
-            self.factory.unreserve(self)
-            self._log.info("PeerJS peer {peer} refused: id taken since", peer=self.peer_id)
-            self._id_taken()
+            self._taken()
             return None
         return super()._resumed(outcome)
 
-    def _id_taken(self) -> None:
+    def _taken(self) -> None:
         """Never registered: ID-TAKEN, and closed (its close removes nothing)."""
+        self.factory.unreserve(self)
+        if self.peer_id is None:
+            return  # it closed meanwhile
+        self._log.info("PeerJS peer {peer} refused: id taken", peer=self.peer_id)
         connections = self.factory.connections
         if connections.get(self.peer_id) is self:
             del connections[self.peer_id]
@@ -430,16 +486,16 @@ class PeerJSProtocol(SignalingServerProtocol):
         self.close(CLOSE_POLICY_VIOLATION, "ID is taken")
 
     def onClose(self, wasClean, code, reason):
-        peer_id = self.peer_id if self._welcomed else None
+        claimed = self._claimed  # (None when it was moved to a newer connection: peer_id is None then)
         factory = self.factory
         may_resume = (
-            peer_id is not None and factory.settings.resume_grace > 0
+            claimed is not None and self.peer_id == claimed and factory.settings.resume_grace > 0
             and not _compat.closed_by_peer(self) and not _compat.failed_by_us(self)
             and factory.graced.refusal(self._key) is None
         )  # (as SignalingServerProtocol.onClose decides, and SignalingFactory.suspend)
         super().onClose(wasClean, code, reason)
-        if peer_id is not None:
-            factory.peerjs.closed(peer_id, self, may_resume)
+        if claimed is not None:
+            factory.peerjs.closed(claimed, self, may_resume)
 
     # -- messages ------------------------------------------------------------------------
 

@@ -196,6 +196,8 @@ def test_same_token_reattaches_and_moves_the_session(h):
     send(h, b, offer(1, dst="a"))
     assert a2.take() == [relayed(offer(1, dst="a"), "b")] and a.take() == []
     assert h.factory.connections["peerjs/a"] is a2.server and "peerjs/a" in h.registry
+    claims = h.factory.peerjs._claims  # (the older connection's record went with it)
+    assert claims.keys() == {"peerjs/a", "peerjs/b"} and claims["peerjs/a"].proto is a2.server
 
 
 def test_reattach_after_a_lost_socket_takes_the_session_back_with_what_was_sent_meanwhile(h):
