@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from urllib.parse import quote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from memory import Client, Harness
 from treq.testing import StubTreq
 from twisted.internet.defer import succeed
@@ -723,3 +725,48 @@ def test_json_of_every_frame_is_compact_utf8(h):
     send(h, a, {"type": "OFFER", "dst": "b", "payload": {"s": "ü"}})
     assert raw == ['{"type":"OFFER","src":"a","dst":"b","payload":{"s":"ü"}}'.encode()]
     assert json.loads(raw[0])["payload"] == {"s": "ü"}
+
+
+# -- whatever a client sends --------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_messages = st.fixed_dictionaries(
+    {"type": st.sampled_from(["OFFER", "ANSWER", "CANDIDATE", "LEAVE", "HEARTBEAT", "EXPIRE", "OPEN", "x"])
+     | _json},
+    optional={"dst": st.sampled_from(["a", "b", "nobody", "", "peerjs/a", "x" * 200]) | _json,
+              "payload": _json, "src": _json},
+).map(lambda m: json.dumps(m).encode()) | st.binary(max_size=40).map(lambda b: b.decode("latin-1").encode())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_messages, max_size=25))
+def test_whatever_a_client_sends_gets_documented_answers_only(frames):
+    """Random messages: every frame back is a PeerJS frame, nothing fails, a healthy pair goes on, no state leaks."""
+    from signaling import peerjs
+
+    h = harness()
+    fuzzer, a, b = pj(h, "fuzzer"), pj(h, "a"), pj(h, "b")
+    with capturedLogs() as events:
+        for payload in frames:
+            fuzzer.sendMessage(payload)
+        h.flush()
+        h.clock.advance(5)
+        h.flush()
+    assert not [e for e in events if e.get("log_failure") is not None]
+    assert fuzzer.closed_with is None
+    for client in (fuzzer, a, b):
+        for msg in client.take():
+            assert msg["type"] in ("ERROR", "EXPIRE") or msg["type"] in peerjs.RELAYED, msg
+            if msg["type"] == "ERROR":
+                assert isinstance(msg["payload"]["msg"], str)
+            else:
+                assert set(msg) <= {"type", "src", "dst", "payload"}
+                assert msg["type"] == "EXPIRE" or msg["src"] == "fuzzer"
+    send(h, a, offer(1))
+    assert b.take() == [relayed(offer(1), "a")]
+    assert len(h.factory.peerjs.pending) == 0 and h.factory.peerjs._flushing == {}
+    assert set(h.factory.connections) == {"peerjs/fuzzer", "peerjs/a", "peerjs/b"}
