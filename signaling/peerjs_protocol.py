@@ -55,6 +55,8 @@ PATH = "/peerjs"
 PREFIX = "peerjs/"
 #: seconds between tries to deliver waiting messages to ids connected to another node (a cluster)
 RETRY_INTERVAL = 0.5
+#: what an id against PeerJS's rules is told
+INVALID_ID = "invalid id: letters, digits, and single -, _ or spaces inside"
 #: seconds a client's token is kept in Redis at most, while its connection is open (a backstop: it is
 #: removed when the connection closes, or kept for the grace period only)
 CLUSTER_CLAIM_TTL = 86400
@@ -364,7 +366,7 @@ class PeerJSProtocol(SignalingServerProtocol):
     #: a handshake refused in PeerJS's way (a frame, then a close): (frame, reason)
     _refusal: Optional[Tuple[bytes, str]] = None
     _digest = b""  # of its token
-    _claimed: Optional[str] = None  # the id it was given (OPEN), with its token
+    _claimed: Optional[str] = None  # the id it was given with its OPEN (kept after a newer connection took it)
 
     # -- admission and identity ------------------------------------------------------------
 
@@ -385,10 +387,9 @@ class PeerJSProtocol(SignalingServerProtocol):
         fixed = (claims or {}).get("sub")
         if fixed is not None and peer != fixed:
             return self._refuse_in_band(peerjs.error("the access token is for another id"), 403,
-                                "PeerJS id is not the access token's")
+                                        "PeerJS id is not the access token's")
         if fixed is None and not peerjs.valid_id(peer):
-            return self._refuse_in_band(peerjs.error("invalid id: letters, digits, and single -, _ or spaces inside"),
-                                400, "invalid PeerJS id")
+            return self._refuse_in_band(peerjs.error(INVALID_ID), 400, "invalid PeerJS id")
         if not peerjs.valid_token(token):
             return self._refuse_in_band(peerjs.error("invalid token"), 400, "invalid PeerJS token")
         peer_id = PREFIX + peer
@@ -486,7 +487,7 @@ class PeerJSProtocol(SignalingServerProtocol):
         self.close(CLOSE_POLICY_VIOLATION, "ID is taken")
 
     def onClose(self, wasClean, code, reason):
-        claimed = self._claimed  # (None when it was moved to a newer connection: peer_id is None then)
+        claimed = self._claimed  # (peer_id is None by now if a newer connection took the session)
         factory = self.factory
         may_resume = (
             claimed is not None and self.peer_id == claimed and factory.settings.resume_grace > 0
