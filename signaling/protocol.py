@@ -92,8 +92,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     (:attr:`wire`), keeps its ids apart (:attr:`id_prefix`: every id it
     registers starts with it; native ids never contain ``/``), and overrides
     the wire-facing hooks: :meth:`_identity` (the id and resume token a
-    handshake asks for), :meth:`_welcome`, :meth:`_join_failed` and
-    :meth:`_handle`.  Admission, limits, the outbound cap, delivery (here or
+    handshake asks for), :meth:`_welcome`, :meth:`_join_failed`,
+    :meth:`_handle` and :meth:`_error_frame`.  Admission, limits, the outbound cap, delivery (here or
     through the cluster), metrics and logs are the same for every format.
     """
 
@@ -409,10 +409,13 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
                 text=text,
                 ref=ref,
             )
+        self.send(self._error_frame(code, text, ref))
+
+    def _error_frame(self, code: str, text: str, ref: Optional[str]) -> bytes:
+        """The frame that tells the sender of an error (another wire format words it its own way)."""
         if code == "rate-limited":
-            self.send(self.factory.rate_limited_frame)
-        else:
-            self.send(messages.encode(messages.error(code, text, ref)))
+            return self.factory.rate_limited_frame
+        return messages.encode(messages.error(code, text, ref))
 
     def _errors_held(self, peer: Optional[str], summary: str) -> None:
         self._log.info(

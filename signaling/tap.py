@@ -24,6 +24,7 @@ from signaling.httpguard import GuardedSite
 from signaling.listening import ListenService, cannot_listen, endpoint_error, make_endpoint
 from signaling.logs import is_json_observer_factory, json_log_observer_factory
 from signaling.metrics import ServerMetrics
+from signaling.peerjs_protocol import serve_peerjs
 from signaling.protocol import SignalingFactory
 from signaling.registry import Registry
 from signaling.service import SignalingService, log_summary
@@ -223,6 +224,12 @@ class SignalingOptions(usage.Options):
          "Redis mode: seconds without a heartbeat after which a node's peers are removed.",
          _positive(float, "node-timeout")],
         ["redis-prefix", None, "signaling:", "Redis mode: prefix of every key and channel."],
+        ["peerjs-key", None, "peerjs",
+         "The key PeerJS clients must give (their key option) at /peerjs; with --token-secret-file "
+         "their key is the access token instead."],
+        ["peerjs-expire-timeout", None, 5.0,
+         "Seconds PeerJS messages for an id that is not connected wait for it (then the senders "
+         "get EXPIRE).", _positive(float, "peerjs-expire-timeout")],
     ]
     optFlags = [
         ["reuse-port", None,
@@ -233,6 +240,8 @@ class SignalingOptions(usage.Options):
         ["no-relay-log", None,
          "Do not log a line per relayed message (the busiest log line; "
          "connects, pairing, errors and summaries are still logged)."],
+        ["no-peerjs", None,
+         "Do not serve PeerJS clients (the WebSocket at /peerjs and GET /<key>/id)."],
         ["json-lines", None,
          "With twist's JSON log (--log-format=json): one JSON object per line, without the "
          "RFC 7464 record separator (0x1E) that starts each record otherwise."],
@@ -363,6 +372,8 @@ class SignalingOptions(usage.Options):
                 raise usage.UsageError(f"--{name} must not be empty")
         if self["http"] == "none":
             raise usage.UsageError("--http cannot be 'none'")
+        if not self["peerjs-key"]:
+            raise usage.UsageError("--peerjs-key must not be empty")
         if self["reuse-port"]:
             for name in ("http", "ws"):
                 if self[name] != "none" and not self[name].startswith("tcp:"):
@@ -491,7 +502,10 @@ def make_ice_servers(options: SignalingOptions, reactor) -> IceServers:
 
 def make_factory(options: SignalingOptions, registry, reactor, ice_servers=None) -> SignalingFactory:
     ice = make_ice_servers(options, reactor) if ice_servers is None else ice_servers
-    return SignalingFactory(registry, options.settings(), reactor, ice_servers=ice)
+    factory = SignalingFactory(registry, options.settings(), reactor, ice_servers=ice)
+    if not options["no-peerjs"]:
+        serve_peerjs(factory, key=options["peerjs-key"], expire_timeout=options["peerjs-expire-timeout"])
+    return factory
 
 
 def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedSite:
@@ -506,6 +520,7 @@ def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedS
         admission=factory.settings,
         clock=reactor,
         metrics=metrics,
+        peerjs=getattr(factory, "peerjs", None),
     )
     site = metrics.site = GuardedSite(
         web.resource(), reactor,

@@ -5,7 +5,8 @@ The HTTP side, a Klein app on the same reactor as the WebSocket server:
 - ``GET /test.html``: the interactive test page (package data);
 - ``GET /signaling.js``: the browser client module the page is built on;
 - ``GET /``: redirects to the test page;
-- ``/ws``: the WebSocket endpoint, for deployments that expose one port.
+- ``/ws``: the WebSocket endpoint, for deployments that expose one port;
+- ``GET /<key>/id``: a fresh id for a PeerJS client (``signaling.peerjs_protocol``).
 """
 
 import base64
@@ -188,6 +189,8 @@ class SignalingWeb:
     :param metrics: :class:`~signaling.metrics.ServerMetrics` for ``/metrics``
         and ``/api/dashboard`` (both behind the stats token, like the stats);
         without it they answer 404.
+    :param peerjs: the :class:`~signaling.peerjs_protocol.PeerJSRealm` that
+        answers ``GET /<key>/id``; without it, 404.
     """
 
     app = Klein()
@@ -195,7 +198,7 @@ class SignalingWeb:
     app.url_map.merge_slashes = False
 
     def __init__(self, registry, ws_resource=None, stats_token=None, hide_ip=False, stats_origins=(),
-                 ice_servers=NO_ICE_SERVERS, admission=None, clock=None, metrics=None):
+                 ice_servers=NO_ICE_SERVERS, admission=None, clock=None, metrics=None, peerjs=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.registry = registry
@@ -213,6 +216,7 @@ class SignalingWeb:
         self.dashboard_page = static_file("dashboard.html")
         self.dashboard_policy = page_policy(self.dashboard_page)
         self.metrics = metrics
+        self.peerjs = peerjs
 
     def resource(self):
         """The resource to serve: the routes below, with ``/ws`` taken first."""
@@ -388,6 +392,22 @@ class SignalingWeb:
     def favicon(self, request):
         request.setResponseCode(204)  # none: keeps browsers' consoles quiet
         return b""
+
+    @app.route("/<key>/id", methods=["GET", "HEAD"])
+    def peerjs_id(self, request, key):
+        """A fresh id for a PeerJS client (``new Peer()`` without one asks ``path + key + "/id"``)."""
+        if self.peerjs is None:
+            request.setResponseCode(404)
+            return b""
+        return self.peerjs.http_id(request, key)
+
+    @app.route("/<key>/peers", methods=["GET", "HEAD"])
+    def peerjs_peers(self, request, key):
+        """PeerJS's discovery (``listAllPeers``): never allowed."""
+        if self.peerjs is None:
+            request.setResponseCode(404)
+            return b""
+        return self.peerjs.http_peers(request)
 
     @app.route("/ws", branch=False)
     def ws(self, request):

@@ -447,3 +447,23 @@ def test_configuration_table_lists_every_option():
     assert rows == names
     for name in names:
         assert f"``{env_name(name)}``" in doc, name
+
+
+def test_peerjs_options_and_wiring(monkeypatch):
+    """PeerJS is served at /peerjs by default (key peerjs, 5 s); its options and --no-peerjs turn it."""
+    from signaling.peerjs_protocol import PeerJSProtocol
+
+    service = makeService(parse(), MemoryReactorClock())
+    factory = service.factory
+    assert factory.wire_formats == {"/peerjs": PeerJSProtocol}
+    assert (factory.peerjs.key, factory.peerjs.pending.timeout) == ("peerjs", 5.0)
+    monkeypatch.setenv("SIGNALING_PEERJS_KEY", "my-app")
+    factory = makeService(parse("--peerjs-expire-timeout=2.5"), MemoryReactorClock()).factory
+    assert (factory.peerjs.key, factory.peerjs.pending.timeout) == ("my-app", 2.5)
+    factory = makeService(parse("--no-peerjs"), MemoryReactorClock()).factory
+    assert factory.wire_formats == {} and not hasattr(factory, "peerjs")
+    for argv, needle in [(["--peerjs-key="], "--peerjs-key must not be empty"),
+                         (["--peerjs-expire-timeout=0"], "--peerjs-expire-timeout must be positive")]:
+        with pytest.raises(usage.UsageError) as e:
+            parse(*argv)
+        assert needle in str(e.value)
