@@ -37,7 +37,7 @@ from typing import Deque, Dict, Optional, Tuple
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from signaling import _compat, peerjs
+from signaling import peerjs
 from signaling.admission import Refused, authorize, request_token
 from signaling.errors import QUEUE_FULL, PeerIdTaken, SignalingError
 from signaling.frameguard import CLOSE_POLICY_VIOLATION
@@ -490,8 +490,7 @@ class PeerJSProtocol(SignalingServerProtocol):
         claimed = self._claimed  # (peer_id is None by now if a newer connection took the session)
         factory = self.factory
         may_resume = (
-            claimed is not None and self.peer_id == claimed and factory.settings.resume_grace > 0
-            and not _compat.closed_by_peer(self) and not _compat.failed_by_us(self)
+            claimed is not None and self.peer_id == claimed and self._lost_may_resume()
             and factory.graced.refusal(self._key) is None
         )  # (as SignalingServerProtocol.onClose decides, and SignalingFactory.suspend)
         super().onClose(wasClean, code, reason)

@@ -284,18 +284,25 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             return  # the opening handshake never completed
         peer_id = self.peer_id
         self.peer_id = None
-        if (
-            self._welcomed and self.factory.settings.resume_grace > 0
-            and not _compat.closed_by_peer(self) and not _compat.failed_by_us(self)
-        ):
-            # lost without a close frame from it (a reset, a timeout, a network
-            # change, this server going away): it may resume.  (A peer that
-            # closed, or broke the protocol, ends its session at once.)
+        if self._lost_may_resume():
             # (at once, not after the operations it has pending: what is sent
             # to it from now on must be kept for it, not written to a dead socket)
             self.factory.suspend(self, peer_id, code)
         else:
             self._enqueue(self.factory.leave, self, peer_id, wasClean, code)
+
+    def _lost_may_resume(self) -> bool:
+        """
+        Whether this closed session may be resumed: it was welcomed, resume
+        is on, and its socket was lost without a close frame from it (a
+        reset, a timeout, a network change, this server going away).  A
+        peer that closed, or broke the protocol, ends its session at once.
+        (SignalingFactory.suspend may still refuse it a grace period: caps.)
+        """
+        return (
+            self._welcomed and self.factory.settings.resume_grace > 0
+            and not _compat.closed_by_peer(self) and not _compat.failed_by_us(self)
+        )
 
     def _disconnect_reason(self) -> str:
         """Why this welcomed peer's WebSocket ended (``signaling.metrics.DISCONNECT_REASONS``)."""
