@@ -30,6 +30,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from signaling import _compat, messages
@@ -472,7 +473,10 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             self._busy = False
 
     def _join(self):
-        result = self.factory.join(self)
+        try:
+            result = self.factory.join(self)
+        except (SignalingError, PeerIdTaken):  # (from a registry that answers at once)
+            return self._join_failed(Failure())
         if is_deferred(result):
             return result.addCallbacks(self._welcome, self._join_failed)
         return self._welcome(result)
@@ -873,8 +877,18 @@ class SignalingFactory(WebSocketServerFactory):
         peer_id = proto.peer_id
         if peer_id is None:
             return None  # (it closed before joining)
+        if self._local_sessions is not None and self._local_sessions.end(peer_id):
+            # its id (fixed by its access token) was in grace and it came back
+            # without the resume token: a newer connection takes the id over,
+            # as from an open older one (its partners were told peer_left)
+            self._log.info("peer {peer}'s grace period ended: a newer connection has its id", peer=peer_id)
         self.connections[peer_id] = proto
-        result = self.registry.add(peer_id, proto.ip, proto.conn_id)
+        try:
+            result = self.registry.add(peer_id, proto.ip, proto.conn_id)
+        except (SignalingError, PeerIdTaken):
+            if self.connections.get(peer_id) is proto:
+                del self.connections[peer_id]
+            raise
         self._log.info("peer {peer} connected from {ip}", peer=peer_id, ip=proto.ip)
         return result
 

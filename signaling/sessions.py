@@ -102,6 +102,16 @@ class LocalSessions:
             return None
         return NEW, []
 
+    def end(self, peer_id: str) -> bool:
+        """End ``peer_id``'s grace period now, as if it had run out; False if it is not in grace here."""
+        session = self._sessions.get(peer_id)
+        if session is None:
+            return False
+        if session.timer.active():
+            session.timer.cancel()
+        self._ended(peer_id)
+        return True
+
     def _set_online(self, peer_id: str, online: bool) -> None:
         peer = self._registry.get(peer_id)
         if peer is not None:

@@ -291,3 +291,36 @@ def test_sessions_in_grace_are_capped_per_address():
     A = again.peer_id
     cut(h, again)
     assert user(h, A) is not None and not user(h, A).online
+
+
+def test_a_fixed_id_back_without_its_resume_token_takes_its_grace_period_over():
+    """
+    A peer whose access token fixes its id, lost while paired, connects again
+    with that token but no resume token: as with an open older connection, the
+    newer one takes the id over (its partner is told peer_left) and is welcomed
+    with the id, idle; nothing of the old session is left.
+    """
+    from memory import Harness
+
+    from signaling.tokens import make_token
+
+    secret = b"k" * 32
+    h = Harness(token_secret=secret, resume_grace=30)
+    token = make_token(secret, ttl=600, peer_id="alice", now=h.clock.seconds())
+    alice = h.connect(url="ws://127.0.0.1:8080/?token=" + token)
+    bob = h.connect(url="ws://127.0.0.1:8080/?token=" + make_token(secret, ttl=600, now=h.clock.seconds()))
+    h.pair(bob, alice)
+    alice.transport.loseConnection()  # lost without a close frame: in grace
+    h.flush()
+    assert "alice" in h.factory._local_sessions and not h.registry.get("alice").online
+    again = h.connect(url="ws://127.0.0.1:8080/?token=" + token)  # (checks the welcome: id alice)
+    assert bob.take() == [{"type": "disconnect", "from": "alice", "data": {"reason": "peer_left"}}]
+    assert "alice" not in h.factory._local_sessions
+    peer = h.registry.get("alice")
+    assert (peer.state, peer.online) == ("idle", True) and h.factory.connections["alice"] is again.server
+    h.pair(bob, again)
+    h.send(bob, {"type": "offer", "to": "alice", "data": {"n": 1}})
+    assert again.take() == [{"type": "offer", "from": bob.peer_id, "data": {"n": 1}}]
+    h.clock.advance(60)  # the old grace period's timer is gone: nothing expires
+    h.flush()
+    assert h.registry.get("alice").state == "connected" and bob.take() == []
