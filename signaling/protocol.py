@@ -101,6 +101,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     wire = "native"
     #: what every id this format registers starts with ("" for native ids, which never contain "/")
     id_prefix = ""
+    #: whether a lost socket gets a grace period (resume); a format whose clients reconnect afresh says no
+    resumable = True
 
     _log = Logger()  # Autobahn owns ``self.log``
     #: Autobahn's own log lines for this protocol, with client-controlled values made safe
@@ -280,7 +282,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         peer_id = self.peer_id
         self.peer_id = None
         if (
-            self._welcomed and self.factory.settings.resume_grace > 0
+            self._welcomed and self.resumable and self.factory.settings.resume_grace > 0
             and not _compat.closed_by_peer(self) and not _compat.failed_by_us(self)
         ):
             # lost without a close frame from it (a reset, a timeout, a network
