@@ -136,7 +136,11 @@ class RedisTopics:
         if not registry.ready:
             return None
 
-        def reaped(gone):
+        def reaped(reply):
+            gone, forgotten = reply[0], [_text(node) for node in reply[1:]]
+            if forgotten:
+                self._log.info("redis: forgot the y-webrtc topic counts of silent nodes: {nodes}",
+                               nodes=", ".join(forgotten))
             if gone and len(self.rooms.topics):
                 self._log.warn("redis: this node's y-webrtc topic counts were gone; writing them again")
                 return self._sync()

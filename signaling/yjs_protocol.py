@@ -251,7 +251,7 @@ class YjsProtocol(SignalingServerProtocol):
             self._invalid -= 1
         kind = message["type"]
         if kind == "ping":
-            self.send(PONG)
+            self._enqueue(self.send, PONG)  # (after what earlier frames do: a publish through Redis)
         elif kind == "publish":
             self._enqueue(self._publish, message["topic"], frame_with_clients(payload, message), len(payload))
         else:
