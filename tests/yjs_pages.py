@@ -61,7 +61,8 @@ def need(tool: str) -> str:
 def build_bundle() -> str:
     """Install the pinned packages (npm ci) if needed and bundle them (esbuild); return the bundle's path."""
     lock = os.path.join(NPM_DIR, "package-lock.json")
-    if os.path.exists(BUNDLE) and os.path.getmtime(BUNDLE) >= os.path.getmtime(lock):
+    sources = [lock] + [os.path.join(NPM_DIR, name) for name in ("entry.js", "build.mjs")]
+    if os.path.exists(BUNDLE) and os.path.getmtime(BUNDLE) >= max(os.path.getmtime(p) for p in sources):
         return BUNDLE
     node, npm = need("node"), need("npm")
     modules = os.path.join(NPM_DIR, "node_modules")
