@@ -33,7 +33,7 @@ from signaling.errors import BINARY_FRAME
 from signaling.frameguard import CLOSE_POLICY_VIOLATION
 from signaling.protocol import SignalingServerProtocol
 from signaling.results import is_deferred
-from signaling.topics import REASONS, Change, TopicAccess, Topics, valid_topic
+from signaling.topics import REASONS, TOO_MANY_HERE, Change, TopicAccess, Topics, valid_topic
 
 __all__ = ["YjsProtocol", "YjsRooms", "install", "PATH", "INVALID_FRAMES_LIMIT"]
 
@@ -270,17 +270,25 @@ class YjsProtocol(SignalingServerProtocol):
     def _subscribe(self, names):
         if self.peer_id is None:
             return None  # (it closed meanwhile)
-        change, done = self.factory.yjs.subscribe(self, names)
-        if change.refused:
-            reasons = Counter(reason for _, reason in change.refused)
-            for reason, count in reasons.items():
-                self._error(reason, f"{REASONS[reason]} ({count} of the topics refused)", "subscribe")
+        rooms = self.factory.yjs
+        # no more names looked at than a connection may have topics (a long
+        # list would cost the server time for nothing)
+        cap = rooms.topics.max_per_subscriber
+        beyond = max(0, len(names) - cap)
+        change, done = rooms.subscribe(self, names[:cap])
+        reasons = Counter(reason for _, reason in change.refused)
+        if beyond:
+            reasons[TOO_MANY_HERE] += beyond
+            rooms.refused[TOO_MANY_HERE] += beyond
+        for reason, count in reasons.items():
+            self._error(reason, f"{REASONS[reason]} ({count} of the topics refused)", "subscribe")
         return done
 
     def _unsubscribe(self, names):
         if self.peer_id is None:
             return None
-        return self.factory.yjs.unsubscribe(self, names)[1]
+        rooms = self.factory.yjs
+        return rooms.unsubscribe(self, names[:rooms.topics.max_per_subscriber])[1]
 
     def _publish(self, topic: str, head: bytes, size: int):
         if self.peer_id is None:

@@ -153,10 +153,10 @@ def test_valid_frames_forgive_earlier_invalid_ones(h):
 
 def test_topic_caps_answer_errors(h):
     """Topics past the per-connection cap or the server's cap are refused (errors), the rest subscribed."""
-    h.factory.yjs.topics.max_per_subscriber = 2
+    h.factory.yjs.topics.max_per_subscriber = 4
     h.factory.yjs.topics.max_topics = 3
     a = join(h)
-    h.send(a, {"type": "subscribe", "topics": ["1", "2", "3", "", "x" * 257]})
+    h.send(a, {"type": "subscribe", "topics": ["1", "2", "", "x" * 257, "3"]})
     assert sorted(errors(a)) == [("invalid-topic", "subscribe"), ("too-many-topics", "subscribe")]
     b = join(h, "3")
     c = join(h)
@@ -166,6 +166,22 @@ def test_topic_caps_answer_errors(h):
     assert b.take() == []
     assert h.factory.yjs.counters()["refused"] == {"too-many-topics": 1, "invalid-topic": 2,
                                                    "server-topics-full": 1}
+
+
+def test_long_topic_lists_cost_no_more_than_the_cap(h):
+    """Names past the per-connection cap are refused without being looked at, in one error."""
+    h.factory.yjs.topics.max_per_subscriber = 3
+    a = join(h)
+    a.sendMessage(json.dumps({"type": "subscribe", "topics": ["a", "b", "c"] + ["x"] * 50000}).encode())
+    h.flush()
+    got = a.take()
+    assert [(m["code"], m["message"]) for m in got] == [
+        ("too-many-topics", "you are subscribed to as many topics as one connection may be "
+                            "(50000 of the topics refused)")]
+    assert h.factory.yjs.topics.topics_of(a.server) == {"a", "b", "c"}
+    assert h.factory.yjs.counters()["refused"] == {"too-many-topics": 50000}
+    h.send(a, {"type": "unsubscribe", "topics": ["a", "b", "c"]})
+    assert h.factory.yjs.summary()["topics"] == 0
 
 
 def test_token_topics_restrict_subscribe_and_publish():
