@@ -22,7 +22,7 @@ Without Redis (unreachable) a node still delivers to its own subscribers,
 counting only them.
 """
 
-from typing import Dict, List, Set
+from typing import Any, Dict, List
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -53,8 +53,7 @@ class RedisTopics:
         self.rooms = rooms
         self.node = registry.node
         self.channel_prefix = registry.prefix + "yjs:t:"
-        self._sub = None  # the registry's subscriber connection, while connected
-        self._channels: Set[str] = set()  # the topics whose channel is subscribed (or asked for)
+        self._sub: Any = None  # the registry's subscriber connection (once connected)
         self._upkeep = LoopingCall(self._reap)
         self._upkeep.clock = registry.clock
         self.published = 0  # publishes this node passed to other nodes (metrics)
@@ -91,17 +90,19 @@ class RedisTopics:
         return d
 
     def _listen(self, topic: str):
-        self._channels.add(topic)
-        if self._sub is None:
-            return None
+        if not self._listening():
+            return None  # (subscribed when the connection is back: see _connected)
         d = self._sub.subscribe(self.channel_prefix + topic)
         d.addErrback(self._failed, "subscribing to a topic's channel")
         return d
 
     def _unlisten(self, topic: str) -> None:
-        self._channels.discard(topic)
-        if self._sub is not None:
+        if self._listening():
             self._sub.unsubscribe(self.channel_prefix + topic).addErrback(self._failed, "unsubscribing")
+
+    def _listening(self) -> bool:
+        """Whether the subscriber connection is up (txredisapi's ``connected``)."""
+        return self._sub is not None and bool(getattr(self._sub, "connected", 0))
 
     def _failed(self, failure, what: str) -> None:
         self._log.warn("redis: {what} failed: {why}", what=what, why=failure.getErrorMessage())
@@ -109,7 +110,6 @@ class RedisTopics:
     def _connected(self, protocol) -> None:
         """The subscriber connection is (again) up: listen on every topic here, and write the counts whole."""
         self._sub = protocol
-        self._channels.clear()
         for topic in list(self.rooms.topics.counts()):
             self._listen(topic)
         self._sync()
@@ -123,6 +123,8 @@ class RedisTopics:
         for topic, count in self.rooms.topics.counts().items():
             args += [topic, str(count)]
         d = registry.whenReady().addCallback(lambda _: registry._execute("yjs_sync", self.node, *args))
+        d.addCallback(lambda _: self._log.info("redis: node {node} wrote its y-webrtc topic counts ({topics} topics)",
+                                               node=self.node, topics=len(args) // 2))
         d.addErrback(lambda f: None)  # logged by the registry; the next upkeep tries again
         return d
 

@@ -164,3 +164,37 @@ def test_a_dead_nodes_counts_are_forgotten(two_nodes):
         assert (await round_trip(a))[0]["clients"] == 1
 
     run(go())
+
+
+@pytest.mark.cluster
+def test_topics_come_back_after_a_redis_restart(two_nodes):
+    """
+    Without Redis each node still serves its own subscribers (clients
+    counting only them); once Redis is back, the nodes write their counts
+    and listen on their topics again, and publishes cross nodes as before.
+    """
+    redis, (n1, n2) = two_nodes
+
+    async def go():
+        a = await yjs(n1.ws + "yjs", "room")
+        b = await yjs(n2.ws + "yjs", "room")
+        a2 = await yjs(n1.ws + "yjs", "room")
+        redis.stop()
+        for node in (n1, n2):
+            await asyncio.to_thread(node.wait_for_line, r"redis: unreachable")
+        since = [len(n1.lines), len(n2.lines)]
+        await publish(a, "room", n=1)
+        local = {"type": "publish", "topic": "room", "n": 1, "clients": 2}
+        assert await round_trip(a) == [local] and await round_trip(a2) == [local]
+        assert await round_trip(b) == []
+        redis.start()
+        for node, line in zip((n1, n2), since):
+            await asyncio.to_thread(node.wait_for_line, r"wrote its y-webrtc topic counts \(1 topics\)", 30, line)
+        await publish(b, "room", n=2)
+        crossed = {"type": "publish", "topic": "room", "n": 2, "clients": 3}
+        assert await frame(a) == await frame(a2) == crossed
+        assert await round_trip(b) == [crossed]
+        for ws in (a, a2, b):
+            await ws.close()
+
+    run(go())
