@@ -86,7 +86,10 @@ def make_token(secret: bytes, ttl: float, peer_id: Optional[str] = None, now: Op
     if problem is not None:
         raise ValueError(problem)
     payload = _b64(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
-    return f"{payload}.{_sign(secret, payload)}"
+    token = f"{payload}.{_sign(secret, payload)}"
+    if len(token) > MAX_TOKEN:
+        raise ValueError(f"the token would be longer than servers accept ({MAX_TOKEN}): fewer or shorter topics")
+    return token
 
 
 def verify_token(secret: bytes, token: str, now: float, max_lifetime: Optional[float] = None) -> dict:

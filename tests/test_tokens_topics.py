@@ -19,7 +19,8 @@ def test_topics_and_prefix_round_trip():
 
 
 @pytest.mark.parametrize("kwargs", [{"topics": [""]}, {"topics": ["x" * 257]}, {"topics": ["a\nb"]},
-                                    {"topics": ["r"] * 33}, {"topic_prefix": ""}, {"topic_prefix": "\x00"}])
+                                    {"topics": ["r"] * 33}, {"topic_prefix": ""}, {"topic_prefix": "\x00"},
+                                    {"topics": ["x" * 256] * 8}])
 def test_bad_topics_are_not_minted(kwargs):
     """make_token refuses topics a server would refuse."""
     with pytest.raises(ValueError):
