@@ -126,8 +126,6 @@ class YjsRooms:
     :param max_topics: topics this process holds at once.
     """
 
-    _log = Logger()
-
     def __init__(self, factory, max_per_connection: int = 64, max_topics: int = 20000):
         self.factory = factory
         self.topics = Topics(max_per_connection, max_topics)
@@ -183,7 +181,7 @@ class YjsRooms:
             return here
         return self.backend.publish(topic, head, here)
 
-    def deliver(self, topic: str, frame: bytes, skip=None) -> int:
+    def deliver(self, topic: str, frame: bytes) -> int:
         """Send ``frame`` to every subscriber of ``topic`` here; return to how many."""
         sent = 0
         proto: Any
