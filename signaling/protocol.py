@@ -102,6 +102,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     wire = "native"
     #: what every id this format registers starts with ("" for native ids, which never contain "/")
     id_prefix = ""
+    #: whether a lost socket gets a grace period (resume); a format whose clients reconnect afresh says no
+    resumable = True
 
     _log = Logger()  # Autobahn owns ``self.log``
     #: Autobahn's own log lines for this protocol, with client-controlled values made safe
@@ -301,7 +303,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         (SignalingFactory.suspend may still refuse it a grace period: caps.)
         """
         return (
-            self._welcomed and self.factory.settings.resume_grace > 0
+            self._welcomed and self.resumable and self.factory.settings.resume_grace > 0
             and not _compat.closed_by_peer(self) and not _compat.failed_by_us(self)
         )
 

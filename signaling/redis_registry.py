@@ -261,7 +261,11 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         self.factory.registry._lost()
 
     def messageReceived(self, pattern, channel, message):
-        self.factory.registry._message(message)
+        registry = self.factory.registry
+        if registry.channel_handler is not None and _text(channel) != registry.node_channel:
+            registry.channel_handler(_text(channel), message)  # another module's channel (yjs topics)
+        else:
+            registry._message(message)
 
 
 class _SubscriberFactory(txredisapi.SubscriberFactory):
@@ -353,6 +357,11 @@ class RedisRegistry(RedisRules, Service):
         self._resuming = {}  # peer id -> _Limbo, while its resume script runs
         self.latency = Histogram()  # of every script's round trip (metrics)
         self.expired = 0  # grace periods this node ended (metrics)
+        self.node_channel = prefix + "to:" + node
+        #: handler(channel, message) of the messages on channels other than this node's, if any
+        self.channel_handler = None
+        #: called with the subscriber connection whenever it is (re)connected and this node's channel subscribed
+        self.subscriber_hooks = []
 
     def attach(self, local) -> None:
         """Deliver to, and register, the peers of ``local`` (an :class:`~signaling.registry.ILocalPeers`)."""
@@ -416,10 +425,12 @@ class RedisRegistry(RedisRules, Service):
     # -- connection state ----------------------------------------------------------
 
     def _subscribed(self, protocol):
-        d = protocol.subscribe(self.prefix + "to:" + self.node)
+        d = protocol.subscribe(self.node_channel)
 
         def listening(_):
             self._listening = True
+            for hook in self.subscriber_hooks:
+                hook(protocol)
             self._register()
 
         d.addCallback(listening)

@@ -230,6 +230,12 @@ class SignalingOptions(usage.Options):
         ["peerjs-expire-timeout", None, 5.0,
          "Seconds PeerJS messages for an id that is not connected wait for it (then the senders "
          "get EXPIRE).", _positive(float, "peerjs-expire-timeout")],
+        ["yjs-max-topics-per-connection", None, 64,
+         "y-webrtc clients (/yjs): topics (rooms) one connection may subscribe to at once.",
+         _positive(int, "yjs-max-topics-per-connection")],
+        ["yjs-max-topics", None, 20000,
+         "y-webrtc clients (/yjs): topics this process holds at once (subscribes past it are refused).",
+         _positive(int, "yjs-max-topics")],
     ]
     optFlags = [
         ["reuse-port", None,
@@ -245,6 +251,7 @@ class SignalingOptions(usage.Options):
         ["json-lines", None,
          "With twist's JSON log (--log-format=json): one JSON object per line, without the "
          "RFC 7464 record separator (0x1E) that starts each record otherwise."],
+        ["no-yjs", None, "Do not serve y-webrtc's signaling protocol at /yjs."],
     ]
 
     def parseOptions(self, options=None):
@@ -508,6 +515,19 @@ def make_factory(options: SignalingOptions, registry, reactor, ice_servers=None)
     return factory
 
 
+def make_yjs(options: SignalingOptions, factory, backend) -> None:
+    """Serve y-webrtc's protocol at /yjs (unless --no-yjs); with --redis, its topics span the nodes."""
+    if options["no-yjs"]:
+        return
+    from signaling.yjs_protocol import install
+
+    rooms = install(factory, options["yjs-max-topics-per-connection"], options["yjs-max-topics"])
+    if backend is not None:
+        from signaling.cluster_topics import RedisTopics
+
+        RedisTopics(backend, rooms)
+
+
 def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedSite:
     metrics = ServerMetrics(factory, registry, reactor)
     web = SignalingWeb(
@@ -627,6 +647,7 @@ def makeService(options: SignalingOptions, reactor=None) -> SignalingService:
     factory = make_factory(options, registry, reactor)
     if backend is not None:
         registry.attach(factory)
+    make_yjs(options, factory, backend)
     service = SignalingService(factory, options["drain-timeout"], reactor, backend)
     backlog = options["backlog"]
     listeners: List[Tuple[str, str, Any]] = [("http", options["http"], make_site(options, registry, factory, reactor))]

@@ -16,6 +16,11 @@ or from the shell::
 
     python -m signaling.tokens --secret-file /etc/signaling/secret --ttl 3600 [--peer-id alice]
 
+A token for y-webrtc clients (``/yjs``) may also name the topics (rooms) its
+holder may subscribe and publish to: ``topics`` (a list) and/or
+``topic_prefix``; a token naming neither allows every topic
+(``--topic r1 --topic r2``, ``--topic-prefix team-7/``).
+
 Browsers pass it in the URL: ``ws://host:8080/?token=<token>``; other clients
 may send ``Authorization: Bearer <token>`` instead.
 """
@@ -29,7 +34,9 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+from signaling.topics import MAX_TOPIC_LENGTH, valid_topic
 
 #: what a fixed peer id may look like
 PEER_ID = re.compile(r"[A-Za-z0-9._~:@+=-]{1,128}")
@@ -37,6 +44,8 @@ PEER_ID = re.compile(r"[A-Za-z0-9._~:@+=-]{1,128}")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 #: the longest token accepted, in characters
 MAX_TOKEN = 2048
+#: the most topics a token may list
+MAX_TOKEN_TOPICS = 32
 
 
 class TokenError(Exception):
@@ -55,8 +64,13 @@ def _sign(secret: bytes, payload: str) -> str:
     return _b64(hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest())
 
 
-def make_token(secret: bytes, ttl: float, peer_id: Optional[str] = None, now: Optional[float] = None) -> str:
-    """Make a token valid for ``ttl`` seconds, optionally fixing the holder's peer id."""
+def make_token(secret: bytes, ttl: float, peer_id: Optional[str] = None, now: Optional[float] = None,
+               topics: Optional[List[str]] = None, topic_prefix: Optional[str] = None) -> str:
+    """
+    Make a token valid for ``ttl`` seconds, optionally fixing the holder's
+    peer id, and limiting the y-webrtc topics it may use to ``topics``
+    and those starting with ``topic_prefix``.
+    """
     if not secret:
         raise ValueError("the secret must not be empty")
     if peer_id is not None and not PEER_ID.fullmatch(peer_id):
@@ -64,8 +78,18 @@ def make_token(secret: bytes, ttl: float, peer_id: Optional[str] = None, now: Op
     claims: Dict[str, Any] = {"exp": int((time.time() if now is None else now) + ttl)}
     if peer_id is not None:
         claims["sub"] = peer_id
+    if topics is not None:
+        claims["topics"] = list(topics)
+    if topic_prefix is not None:
+        claims["topic_prefix"] = topic_prefix
+    problem = _topics_problem(claims)
+    if problem is not None:
+        raise ValueError(problem)
     payload = _b64(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
-    return f"{payload}.{_sign(secret, payload)}"
+    token = f"{payload}.{_sign(secret, payload)}"
+    if len(token) > MAX_TOKEN:
+        raise ValueError(f"the token would be longer than servers accept ({MAX_TOKEN}): fewer or shorter topics")
+    return token
 
 
 def verify_token(secret: bytes, token: str, now: float, max_lifetime: Optional[float] = None) -> dict:
@@ -96,7 +120,22 @@ def verify_token(secret: bytes, token: str, now: float, max_lifetime: Optional[f
     sub = claims.get("sub")
     if sub is not None and not (isinstance(sub, str) and PEER_ID.fullmatch(sub)):
         raise TokenError("token has an invalid peer id")
+    if _topics_problem(claims) is not None:
+        raise TokenError("token has invalid topics")
     return claims
+
+
+def _topics_problem(claims: dict) -> Optional[str]:
+    """What is wrong with a token's ``topics`` and ``topic_prefix`` claims, if anything."""
+    topics = claims.get("topics")
+    if topics is not None and not (
+        type(topics) is list and len(topics) <= MAX_TOKEN_TOPICS and all(valid_topic(t) for t in topics)
+    ):
+        return f"topics: a list of at most {MAX_TOKEN_TOPICS} topics of 1 to {MAX_TOPIC_LENGTH} printable characters"
+    prefix = claims.get("topic_prefix")
+    if prefix is not None and not valid_topic(prefix):
+        return f"a topic prefix is 1 to {MAX_TOPIC_LENGTH} printable characters"
+    return None
 
 
 def make_resume_token(secret: bytes, peer_id: str) -> str:
@@ -160,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--secret-file", required=True, help="file holding the shared secret")
     parser.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid (3600)")
     parser.add_argument("--peer-id", help="fix the peer id the holder gets")
+    parser.add_argument("--topic", action="append", dest="topics", metavar="TOPIC",
+                        help="y-webrtc (/yjs): a topic (room) the holder may use; repeatable")
+    parser.add_argument("--topic-prefix", help="y-webrtc (/yjs): the holder may use the topics starting with this")
     args = parser.parse_args(argv)
     if not 0 < args.ttl < 10 ** 9:  # (refuses nan, inf and negatives)
         parser.error(f"--ttl must be a positive number of seconds, got {args.ttl!r}")
@@ -167,7 +209,8 @@ def main(argv=None) -> int:
         print("warning: servers refuse tokens valid for longer than their --token-max-lifetime "
               "(86400 s by default)", file=sys.stderr)
     try:
-        print(make_token(read_secret(args.secret_file), args.ttl, args.peer_id))
+        print(make_token(read_secret(args.secret_file), args.ttl, args.peer_id,
+                         topics=args.topics, topic_prefix=args.topic_prefix))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -455,13 +455,15 @@ def test_peerjs_options_and_wiring(monkeypatch):
 
     service = makeService(parse(), MemoryReactorClock())
     factory = service.factory
-    assert factory.wire_formats == {"/peerjs": PeerJSProtocol}
+    assert factory.wire_formats["/peerjs"] is PeerJSProtocol
     assert (factory.peerjs.key, factory.peerjs.pending.timeout) == ("peerjs", 5.0)
     monkeypatch.setenv("SIGNALING_PEERJS_KEY", "my-app")
     factory = makeService(parse("--peerjs-expire-timeout=2.5"), MemoryReactorClock()).factory
     assert (factory.peerjs.key, factory.peerjs.pending.timeout) == ("my-app", 2.5)
     factory = makeService(parse("--no-peerjs"), MemoryReactorClock()).factory
-    assert factory.wire_formats == {} and not hasattr(factory, "peerjs")
+    assert "/peerjs" not in factory.wire_formats and not hasattr(factory, "peerjs")
+    factory = makeService(parse("--no-peerjs", "--no-yjs"), MemoryReactorClock()).factory
+    assert factory.wire_formats == {}
     for argv, needle in [(["--peerjs-key="], "--peerjs-key must not be empty"),
                          (["--peerjs-expire-timeout=0"], "--peerjs-expire-timeout must be positive")]:
         with pytest.raises(usage.UsageError) as e:
