@@ -46,9 +46,9 @@ from signaling.results import is_deferred
 __all__ = ["Body", "Captures", "Slicer", "Snapshot", "StatsCache", "iso_utc", "user_entry"]
 
 #: seconds of slicing work per reactor turn, at most (past the first MIN_STEPS steps)
-SLICE = 0.0005
+SLICE = 0.00025
 #: steps a turn always takes, whatever the time: small jobs end in the turn they begin
-MIN_STEPS = 8
+MIN_STEPS = 4
 #: seconds between the beginnings of two captures, at least
 INTERVAL = 0.25
 #: bytes per chunk of a body: what is hashed, compressed and written at once
