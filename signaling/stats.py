@@ -483,7 +483,22 @@ class StatsCache:
     # -- captures ---------------------------------------------------------------
 
     def _peers(self):
-        return self.registry.peers()
+        """
+        Every peer, as a list, in slices: a cluster's registry
+        (``peers_lazily``) parses each peer from Redis's reply as it is read.
+        """
+        lazily = getattr(self.registry, "peers_lazily", None)
+        peers = lazily() if lazily is not None else self.registry.peers()
+        if is_deferred(peers):
+            peers = yield peers
+        if isinstance(peers, list):
+            return peers
+        out = []
+        for n, peer in enumerate(peers, 1):
+            out.append(peer)
+            if n % BATCH == 0:
+                yield
+        return out
 
     def _capture_document(self) -> Deferred:
         return self.slicer.run(self._build(self._generation(), self.clock.seconds()))
@@ -492,9 +507,7 @@ class StatsCache:
         return self.slicer.run(self._count())
 
     def _count(self):
-        peers = self._peers()
-        if is_deferred(peers):
-            peers = yield peers
+        peers = yield from self._peers()
         counts = {"idle": 0, "connecting": 0, "connected": 0}
         offline = 0
         for n, p in enumerate(peers, 1):
@@ -505,9 +518,7 @@ class StatsCache:
         return _counts(len(peers), counts, offline)
 
     def _build(self, generation, taken_at: float):
-        peers = self._peers()
-        if is_deferred(peers):
-            peers = yield peers
+        peers = yield from self._peers()
         # oldest first: sorted runs, merged as they are read
         runs = []
         for i in range(0, len(peers), RUN):

@@ -815,3 +815,29 @@ def test_hide_ip_is_kept_with_metrics_of_their_own():
     _, body = Fetch(web, h.clock)("/api/stats")
     [user] = json.loads(body)["users"]
     assert user["ip"] is None
+
+
+def test_lazily_parsed_peers_are_read_in_slices():
+    """A registry with peers_lazily (the cluster's) has its peers read 16 a step, not all in the first turn."""
+    from signaling.registry import Peer
+
+    parsed = []
+
+    class Lazy:
+        def peers_lazily(self):
+            def each():
+                for i in range(320):
+                    parsed.append(i)
+                    yield Peer(f"p{i:03d}", "10.0.0.1", T0 + i, node="n1")
+
+            return succeed(each())
+
+        def peers(self):
+            raise AssertionError("peers_lazily is used instead")
+
+    clock = Clock()
+    slicer = Slicer(clock, budget=4 * TICK, timer=Ticks(TICK), min_steps=1)
+    d = StatsCache(Lazy(), clock, slicer=slicer).document()
+    assert len(parsed) == 3 * stats.BATCH  # the first turn: 4 steps (the first waits for the reply)
+    snapshot, _ = turn_by_turn(clock, d)
+    assert snapshot.counts["users"] == 320 and slicer.max_steps == 4
