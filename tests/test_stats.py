@@ -841,3 +841,76 @@ def test_lazily_parsed_peers_are_read_in_slices():
     assert len(parsed) == 3 * stats.BATCH  # the first turn: 4 steps (the first waits for the reply)
     snapshot, _ = turn_by_turn(clock, d)
     assert snapshot.counts["users"] == 320 and slicer.max_steps == 4
+
+
+def one_turn(clock):
+    """Run what is due now on ``clock`` (not what that schedules for the next turn)."""
+    calls = sorted((c for c in clock.getDelayedCalls() if c.getTime() <= clock.seconds()), key=lambda c: c.getTime())
+    for call in calls:
+        if call.active():
+            clock.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+    return bool(calls)
+
+
+class Written:
+    """A request as _Chunks sees it: what was written in which turn, and whether it finished."""
+
+    def __init__(self, turn):
+        self.turn = turn  # [the current turn's number]
+        self.turns = {}  # turn -> bytes written
+        self.finished = False
+        self.producer = None
+
+    def notifyFinish(self):
+        return Deferred()
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data):
+        self.turns[self.turn[0]] = self.turns.get(self.turn[0], 0) + len(data)
+
+    def finish(self):
+        self.finished = True
+
+
+def test_bodies_are_written_within_a_budget_per_turn():
+    """Two large bodies at once: at most the turn's budget (one chunk over at most) is written per turn, in all."""
+    from signaling.web import WriteBudget, _Chunks
+
+    clock = Clock()
+    turn = [0]
+    budget = WriteBudget(clock, per_turn=64 * 1024)
+    body = Body.of(b"x" * (600 * 1024))
+    a, b = Written(turn), Written(turn)
+    _Chunks(a, body.chunks, budget).start()
+    _Chunks(b, body.chunks, budget).start()
+    while not (a.finished and b.finished):
+        turn[0] += 1
+        assert one_turn(clock), "stuck"
+    for n in range(turn[0] + 1):
+        assert a.turns.get(n, 0) + b.turns.get(n, 0) <= 64 * 1024 + stats.CHUNK, n
+    assert sum(a.turns.values()) == sum(b.turns.values()) == 600 * 1024
+    assert turn[0] >= 2 * 600 // 80 and a.producer is None and b.producer is None
+    # the first turn was a's alone (b began after it); from then on they take chunks in turn
+    assert a.turns[0] == 64 * 1024 and 0 not in b.turns
+    assert all(a.turns[n] == b.turns[n] == 32 * 1024 for n in range(1, 15))
+
+
+def test_a_paused_body_waits_for_its_connection():
+    """A body whose connection's buffer is full (paused) writes nothing more until resumed."""
+    from signaling.web import WriteBudget, _Chunks
+
+    clock = Clock()
+    request = Written([0])
+    chunks = _Chunks(request, Body.of(b"y" * (100 * 1024)).chunks, WriteBudget(clock, per_turn=10 ** 9))
+    chunks.pauseProducing()
+    chunks.start()
+    assert request.turns == {}
+    chunks.resumeProducing()
+    assert sum(request.turns.values()) == 100 * 1024 and request.finished
