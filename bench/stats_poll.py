@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -154,8 +155,24 @@ def start_pollers(server, path, form, pollers, seconds):
     return subprocess.Popen(pinned(1, argv), stdout=subprocess.PIPE, text=True)
 
 
+def probe(server, timeout=10.0):
+    """The server's reactor turns since the last call (bench/_probe.py), or None without --probe."""
+    if not getattr(server, "probed", False):
+        return None
+    seen = server.line_count
+    server.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in server.lines[-(server.line_count - seen):] if server.line_count > seen else []:
+            if "probe {" in line:
+                return json.loads(line.split("probe ", 1)[1])
+        time.sleep(0.05)  # (a benchmark: waiting for the server's line)
+    return None
+
+
 def measure(server, args, pollers=None):
     """One phase: the pairs at a fixed rate (and the pollers, if given, started first)."""
+    probe(server)  # (counting from here)
     phase = {}
     proc = churn = None
     span = args.seconds + args.warmup + 2.0  # the pairs' generator connects and pairs first
@@ -176,6 +193,9 @@ def measure(server, args, pollers=None):
     if churn is not None:
         out, _ = churn.communicate(timeout=span + 60)
         phase["churn"] = json.loads(out.strip().splitlines()[-1])
+    turns = probe(server)
+    if turns is not None:
+        phase["reactor_turns"] = turns
     return phase
 
 
@@ -206,7 +226,14 @@ def run(args):
     report = {"users": args.users, "pairs": args.pairs, "rate": args.rate, "pollers": args.pollers,
               "server_args": args.server_arg, "rounds": args.rounds, "seconds": args.seconds,
               "churn_per_s": args.churn, "python": args.python or sys.executable, "phases": {}}
-    server = Server(*MEASURED, *args.server_arg, core=0, python=args.python)
+    if args.probe:  # twistd with a probe of the reactor's turns
+        python = args.python or sys.executable
+        argv = [python, os.path.join(HERE, "_probe.py"), "-n", "--pidfile=", "signaling",
+                "--http=tcp:0:interface=127.0.0.1", "--ws=tcp:0:interface=127.0.0.1", *MEASURED, *args.server_arg]
+        server = Server(core=0, argv=argv)
+        server.probed = True
+    else:
+        server = Server(*MEASURED, *args.server_arg, core=0, python=args.python)
     idle = None
     phases = report["phases"]
     try:
@@ -236,6 +263,10 @@ def run(args):
             summary[name]["requests_per_s"] = round(median([p["pollers"]["requests_per_s"] for p in runs]), 1)
             summary[name]["mb_per_s"] = round(median([p["pollers"]["mb_per_s"] for p in runs]), 2)
         summary[name]["server_cpu_busy"] = round(median([p["server_cpu_busy"] for p in runs]), 2)
+        if "reactor_turns" in runs[0]:
+            turns = [p["reactor_turns"]["cpu_ms"] for p in runs]
+            summary[name]["turn_cpu_ms"] = {k: round(median([t[k] for t in turns]), 3) for k in ("p99", "p999", "max")}
+            summary[name]["turns_over_1ms"] = [t["over_1ms"] for t in turns]
     quiet = summary["quiet"]["p99"]
     for name in summary:
         summary[name]["p99_ratio"] = round(summary[name]["p99"] / quiet, 2)
@@ -259,6 +290,8 @@ def main():
     parser.add_argument("--forms", default="close,plain,gzip,etag")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="another option for the server (repeatable), e.g. --server-arg=--stats-rate=0")
+    parser.add_argument("--probe", action="store_true",
+                        help="run the server under bench/_probe.py: the CPU time of its reactor's turns, per phase")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args()
     args.paths = [p for p in args.paths.split(",") if p]
