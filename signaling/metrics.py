@@ -393,8 +393,8 @@ class ServerMetrics:
         )
         self.process = ProcessMetrics(clock, count_fds)
         self.prometheus = make_registry(self.collector, self.process)
-        self.expositions = Captures(clock, self._capture_exposition, interval)
-        self.dashboards = Captures(clock, self._capture_dashboard, interval)
+        self.expositions = Captures(clock, self._capture_exposition, interval, slicer=self.stats.slicer)
+        self.dashboards = Captures(clock, self._capture_dashboard, interval, slicer=self.stats.slicer)
 
     def _connections(self) -> Dict[str, int]:
         return {"native": self.factory.admitted}

@@ -298,14 +298,18 @@ class Captures:
     time; every request waiting for the next capture shares it.
 
     :param capture: ``() ->`` the product, or a Deferred of it.
+    :param slicer: if given, the requests that waited for a capture are
+        answered through it, a few a turn (each answer is an HTTP response to
+        write: a fraction of a millisecond), instead of all in one turn.
     """
 
     def __init__(self, clock, capture: Callable[[], Any], interval: float = INTERVAL,
-                 generation: Callable[[], Any] = lambda: None):
+                 generation: Callable[[], Any] = lambda: None, slicer: Optional["Slicer"] = None):
         self.clock = clock
         self.capture = capture
         self.interval = interval
         self.generation = generation
+        self.slicer = slicer
         self.latest: Any = None
         self.latest_generation: Any = None
         self.captures = 0  # begun so far
@@ -362,9 +366,19 @@ class Captures:
         self._running = None
         if not isinstance(result, Failure):
             self.latest, self.latest_generation = result, gen
-        for w in waiters:
-            _fire(w, result)
+        if self.slicer is not None and len(waiters) > 1:
+            self.slicer.run(_answer(waiters, result))
+        else:
+            for w in waiters:
+                _fire(w, result)
         self._schedule()
+
+
+def _answer(waiters: List[Deferred], result):
+    """Fire the waiters one step each (a slicer job)."""
+    for w in waiters:
+        _fire(w, result)
+        yield
 
 
 class Snapshot:
@@ -463,8 +477,8 @@ class StatsCache:
         self.hide_ip = hide_ip
         self.slicer = slicer if slicer is not None else Slicer(clock)
         self._fragments: Dict[str, Tuple[tuple, bytes]] = {}  # id -> (what it was made of, its JSON)
-        self.documents = Captures(clock, self._capture_document, interval, self._generation)
-        self.summaries = Captures(clock, self._capture_summary, interval, self._generation)
+        self.documents = Captures(clock, self._capture_document, interval, self._generation, self.slicer)
+        self.summaries = Captures(clock, self._capture_summary, interval, self._generation, self.slicer)
 
     def _generation(self):
         return getattr(self.registry, "generation", None)

@@ -269,6 +269,24 @@ def test_an_unchanged_generation_is_answered_from_the_last_capture():
     assert d.result == "g1" and src.begun == 2
 
 
+def test_waiters_are_answered_a_few_a_turn():
+    """With a slicer, the requests that waited for a capture are answered over several turns, not in one."""
+    clock = Clock()
+    src = Source()
+    slicer = Slicer(clock, budget=1 * TICK, timer=Ticks(TICK), min_steps=1)  # one step a turn
+    captures = Captures(clock, src.capture, interval=0.25, slicer=slicer)
+    first = captures.get()
+    waiting = [captures.get() for _ in range(3)]
+    src.finish("one")
+    clock.advance(0.25)
+    src.finish("two")
+    assert first.result == "one" and [d.called for d in waiting] == [True, False, False]
+    for n in (2, 3):
+        one_turn(clock)
+        assert sum(d.called for d in waiting) == n
+    assert {d.result for d in waiting} == {"two"}
+
+
 def test_joining_a_running_capture_when_nothing_changed():
     """While a capture runs and the generation has not moved since it began, a request joins it."""
     clock = Clock()
