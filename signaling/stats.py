@@ -237,11 +237,17 @@ class Slicer:
     def busy(self) -> bool:
         return bool(self._ready) or self._call is not None
 
-    def run(self, job: Iterator) -> Deferred:
+    def run(self, job: Iterator, now: bool = True) -> Deferred:
+        """
+        Run ``job``; it begins in this turn if nothing else is running and
+        ``now`` (the caller's turn then takes one more slice), else in the next.
+        """
         d: Deferred = Deferred()
         self._ready.append([job, d, None])
-        if self._call is None and not self._in_turn:
+        if now and self._call is None and not self._in_turn:
             self._turn()
+        else:
+            self._schedule()
         return d
 
     def _schedule(self) -> None:
@@ -366,8 +372,8 @@ class Captures:
         self._running = None
         if not isinstance(result, Failure):
             self.latest, self.latest_generation = result, gen
-        if self.slicer is not None and len(waiters) > 1:
-            self.slicer.run(_answer(waiters, result))
+        if self.slicer is not None and len(waiters) > 1:  # (from the next turn: this one made the capture)
+            self.slicer.run(_answer(waiters, result), now=False)
         else:
             for w in waiters:
                 _fire(w, result)
