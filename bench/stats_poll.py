@@ -182,7 +182,8 @@ def measure(server, args, pollers=None):
                                  stdout=subprocess.PIPE, text=True)
     if pollers is not None:
         path, form = pollers
-        proc = start_pollers(server, path, form, args.pollers, span)
+        target = getattr(args, "control_server", None) or server  # (--control: another server takes the polls)
+        proc = start_pollers(target, path, form, args.pollers, span)
     cpu0, t0 = server.cpu_seconds(), time.monotonic()
     phase["pairs"] = run_loadgen("rate", server.ws, "--pairs", str(args.pairs), "--rate", str(args.rate),
                                  "--seconds", str(args.seconds), "--warmup", str(args.warmup), core=1)
@@ -238,6 +239,8 @@ def run(args):
     phases = report["phases"]
     try:
         idle = hold_idle(server, args.users)
+        if args.control:
+            args.control_server = Server(*MEASURED, "--stats-rate=0", core=1)
         report["stats_bytes"] = document_size(server, "/api/stats")
         names = ["quiet"] + [f"{path} {form}" for path in args.paths for form in args.forms]
         for r in range(args.rounds):  # interleaved, so that a noisy minute spoils one round of each, not one phase
@@ -252,6 +255,8 @@ def run(args):
         if idle is not None:
             idle.terminate()
             idle.wait(60)
+        if getattr(args, "control_server", None) is not None:
+            args.control_server.stop()
         server.stop()
     summary = report["summary"] = {}
     for name, runs in phases.items():
@@ -267,6 +272,7 @@ def run(args):
             turns = [p["reactor_turns"]["cpu_ms"] for p in runs]
             summary[name]["turn_cpu_ms"] = {k: round(median([t[k] for t in turns]), 3) for k in ("p99", "p999", "max")}
             summary[name]["turns_over_1ms"] = [t["over_1ms"] for t in turns]
+            summary[name]["reactor_busy_s"] = [t["total_s"] for t in turns]
     quiet = summary["quiet"]["p99"]
     for name in summary:
         summary[name]["p99_ratio"] = round(summary[name]["p99"] / quiet, 2)
@@ -292,6 +298,9 @@ def main():
                         help="another option for the server (repeatable), e.g. --server-arg=--stats-rate=0")
     parser.add_argument("--probe", action="store_true",
                         help="run the server under bench/_probe.py: the CPU time of its reactor's turns, per phase")
+    parser.add_argument("--control", action="store_true",
+                        help="a control: the pollers poll another server (on core 1, without users, unpaced), "
+                             "so that only their own process's load is measured")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args()
     args.paths = [p for p in args.paths.split(",") if p]
