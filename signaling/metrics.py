@@ -27,7 +27,7 @@ import os
 import platform
 import time
 from bisect import bisect_left
-from typing import Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -288,6 +288,7 @@ class ProcessMetrics:
         self.proc = proc
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.pagesize = os.sysconf("SC_PAGE_SIZE")
+        self.boot: Optional[float]
         try:
             with open("/proc/stat", "rb") as f:
                 self.boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
@@ -397,9 +398,9 @@ class ServerMetrics:
         self.registry = registry
         self.clock = clock
         self.stats = stats if stats is not None else StatsCache(registry, clock, interval=interval)
-        self.cluster = registry if IClusterRegistry.providedBy(registry) else None
+        self.cluster: Any = registry if IClusterRegistry.providedBy(registry) else None
         self.node = self.cluster.node if self.cluster is not None else None
-        self.site = None  # the HTTP site (its connections and refusals), once made
+        self.site: Any = None  # the HTTP site (its connections and refusals), once made
         self.summary: Optional[dict] = None  # the registry's, at the last refresh
         self.collector = SignalingCollector(
             factory.metrics, self._connections, self._http, lambda: self.summary, self.cluster, self.node
