@@ -7,12 +7,14 @@ server that does (ours, or the naive baseline), and prints one JSON report.
     python bench/loadgen.py rate URL --pairs 50 --rate 2000 --seconds 5
     python bench/loadgen.py burst URL -n 10000 -c 200
     python bench/loadgen.py idle URL -n 10000 --hold 5
+    python bench/loadgen.py churn URL --rate 20 --seconds 10
 
 relay: P pairs bounce a 300-byte offer/answer with W messages in flight per
 pair; messages/s and one-way latency.  rate: the same pairs at a fixed total
 offered rate; latency.  burst: N connections, at most C opening at once;
 connections/s and time to welcome.  idle: open N connections, hold them,
 report when all are welcomed (the caller reads the server's memory).
+churn: open and close connections at a fixed rate (users come and go).
 """
 
 import argparse
@@ -169,7 +171,8 @@ async def rate(args):
     lat = latencies[n_warm:]
     return {
         "scenario": "rate", "pairs": args.pairs, "offered_per_s": args.rate, "received": len(latencies),
-        "latency_ms": {k: round(pct(lat, p) * 1000, 3) for k, p in (("p50", 50), ("p99", 99), ("p999", 99.9))},
+        "latency_ms": {k: round(pct(lat, p) * 1000, 3)
+                       for k, p in (("p50", 50), ("p99", 99), ("p999", 99.9), ("max", 100))},
         "errors": sum(a.errors + b.errors for a, b in pairs),
     }
 
@@ -216,14 +219,33 @@ async def idle(args):
     return {"scenario": "idle", "closed": len(peers)}
 
 
+async def churn(args):
+    """Open and close connections: ``--rate`` of each per second for ``--seconds`` (the registry keeps changing)."""
+    interval = 1.0 / args.rate
+    stop = time.perf_counter() + args.seconds
+    opened, failed = 0, 0
+    next_at = time.perf_counter()
+    while next_at < stop:
+        try:
+            peer = await open_peer(args.url)
+            peer.transport.disconnect()
+            opened += 1
+        except Exception:
+            failed += 1
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    return {"scenario": "churn", "opened_and_closed": opened, "failed": failed}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=["relay", "rate", "burst", "idle"])
+    parser.add_argument("scenario", choices=["relay", "rate", "burst", "idle", "churn"])
     parser.add_argument("url")
     parser.add_argument("--url-b", help="relay/rate: the second peer of each pair connects here (another node)")
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--inflight", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=2000.0, help="total offered messages/s (rate)")
+    parser.add_argument("--rate", type=float, default=2000.0,
+                        help="total offered messages/s (rate); connections opened and closed per second (churn)")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("-n", type=int, default=1000)

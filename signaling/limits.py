@@ -187,3 +187,37 @@ class AddressBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class Pacer:
+    """
+    Paces requests per address key instead of refusing them: ``rate`` a
+    second on average, ``burst`` at once; :meth:`delay` gives each request
+    its turn (the generic cell rate algorithm: first come, first served,
+    nothing queued but a time per key).  ``rate <= 0`` paces nothing.  At
+    most ``max_keys`` keys are kept (past that the longest unused one is
+    forgotten: an address that comes back may burst again, as one that
+    waited would).
+    """
+
+    def __init__(self, clock, rate: float, burst: int, max_keys: int = 10000):
+        self._clock = clock
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.max_keys = max_keys
+        self._due: "OrderedDict[str, float]" = OrderedDict()  # key -> when its bucket is next empty
+
+    def delay(self, key: str) -> float:
+        """Take a turn for ``key``: the seconds to wait before answering (0: at once)."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock.seconds()
+        step = 1.0 / self.rate
+        due = max(self._due.pop(key, now), now)
+        if len(self._due) >= self.max_keys:
+            self._due.popitem(last=False)
+        self._due[key] = due + step
+        return max(0.0, due - (self.burst - 1) * step - now)
+
+    def __len__(self) -> int:
+        return len(self._due)

@@ -218,6 +218,10 @@ class RedisRules:
     def peers(self):
         return then(self._execute("peers"), _peers)
 
+    def peers_lazily(self):
+        """Like :meth:`peers`, each peer parsed as it is iterated (the stats read them in slices)."""
+        return then(self._execute("peers"), lambda flat: (_peer(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)))
+
     def summary(self):
         def count(peers):
             counts = {"idle": 0, "connecting": 0, "connected": 0}
@@ -230,15 +234,16 @@ class RedisRules:
 
 
 def _peers(flat):
-    out = []
-    for i in range(0, len(flat), 2):
-        info = json.loads(flat[i + 1])
-        peer = Peer(_text(flat[i]), info["ip"], float(info["at"]), info["n"])
-        peer.state = info["s"]
-        peer.target = info["t"] or None
-        peer.online = info.get("o") != 0
-        out.append(peer)
-    return out
+    return [_peer(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def _peer(key, value):
+    info = json.loads(value)
+    peer = Peer(_text(key), info["ip"], float(info["at"]), info["n"])
+    peer.state = info["s"]
+    peer.target = info["t"] or None
+    peer.online = info.get("o") != 0
+    return peer
 
 
 def parse_url(url: str):

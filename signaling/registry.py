@@ -241,6 +241,9 @@ class Registry:
         # target id -> ids of the users whose target it is (reverse index,
         # so that a departure finds its watchers without a scan)
         self._pointing: Dict[str, Set[str]] = {}
+        #: counts the changes the stats show (users, states, targets, online):
+        #: the same generation, the same stats document
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -258,12 +261,14 @@ class Registry:
             raise PeerIdTaken(peer_id)
         peer = Peer(peer_id, ip, self._clock.seconds())
         self._peers[peer_id] = peer
+        self.generation += 1
         return peer
 
     def remove(self, peer_id: str, conn: str = "") -> List[Transition]:
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return []
+        self.generation += 1
         if peer.target is not None:
             self._unpoint(peer.id, peer.target)
         transitions = []
@@ -273,6 +278,13 @@ class Registry:
             watcher.state = IDLE
             watcher.target = None
         return transitions
+
+    def set_online(self, peer_id: str, online: bool) -> None:
+        """Show a user online, or offline while it is in its grace period."""
+        peer = self._peers.get(peer_id)
+        if peer is not None and peer.online != online:
+            peer.online = online
+            self.generation += 1
 
     # -- pairing rules ------------------------------------------------------
 
@@ -346,6 +358,7 @@ class Registry:
 
     def _set(self, peer: Peer, state: str, target: Optional[str]) -> Transition:
         old = peer.state
+        self.generation += 1
         if peer.target != target:
             if peer.target is not None:
                 self._unpoint(peer.id, peer.target)

@@ -113,9 +113,7 @@ class LocalSessions:
         return True
 
     def _set_online(self, peer_id: str, online: bool) -> None:
-        peer = self._registry.get(peer_id)
-        if peer is not None:
-            peer.online = online
+        self._registry.set_online(peer_id, online)
 
     def _ended(self, peer_id: str) -> None:
         session = self._sessions.pop(peer_id, None)

@@ -15,6 +15,7 @@ import sys
 from typing import Any, List, Tuple
 
 from twisted.application.internet import TimerService
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -23,15 +24,16 @@ from signaling.gcpolicy import GenerationalFreeze
 from signaling.httpguard import GuardedSite
 from signaling.listening import ListenService, cannot_listen, endpoint_error, make_endpoint
 from signaling.logs import is_json_observer_factory, json_log_observer_factory
-from signaling.metrics import ServerMetrics
+from signaling.metrics import ServerMetrics, count_open_fds
 from signaling.peerjs_protocol import serve_peerjs
 from signaling.protocol import SignalingFactory
 from signaling.registry import Registry
 from signaling.service import SignalingService, log_summary
 from signaling.settings import Settings
+from signaling.stats import StatsCache
 from signaling.tokens import read_or_create_secret, read_secret
 from signaling.turn import MAX_TTL, MIN_TTL, IceServers, check_uri, read_secrets
-from signaling.web import SignalingWeb, WebSocketTakeover
+from signaling.web import STATS_BURST, STATS_RATE, SignalingWeb, WebSocketTakeover
 
 _DEFAULTS = Settings()
 _log = Logger()
@@ -200,6 +202,13 @@ class SignalingOptions(usage.Options):
         ["stats-token-file", None, None,
          "File with a bearer token (at least 16 bytes) that /api/stats, /metrics and "
          "/api/dashboard then require (else HTTP 401)."],
+        ["stats-rate", None, STATS_RATE,
+         "Answers of /api/stats, /metrics and /api/dashboard per second to one client address, on "
+         "average (more requests wait their turn; none is refused).  0 disables the pacing.",
+         _non_negative(float, "stats-rate", "")],
+        ["stats-burst", None, STATS_BURST,
+         "Answers of /api/stats, /metrics and /api/dashboard to one client address at once, "
+         "before --stats-rate paces them.", _positive(int, "stats-burst")],
         ["resume-grace", None, _DEFAULTS.resume_grace,
          "Seconds a peer whose socket was lost (not closed by it) keeps its id, state and partner, "
          "resuming with its welcome's token; its partner is told peer_left only after.  0 disables it.",
@@ -528,19 +537,30 @@ def make_yjs(options: SignalingOptions, factory, backend) -> None:
         RedisTopics(backend, rooms)
 
 
+def _in_thread(reactor, function):
+    """``function`` as ``() -> Deferred``, run in the reactor's thread pool (if it has one)."""
+    if not hasattr(reactor, "getThreadPool"):
+        return None  # (a fake reactor: at once)
+    return lambda: deferToThreadPool(reactor, reactor.getThreadPool(), function)
+
+
 def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedSite:
-    metrics = ServerMetrics(factory, registry, reactor)
+    stats = StatsCache(registry, reactor, hide_ip=bool(options["stats-hide-ip"]))
+    metrics = ServerMetrics(factory, registry, reactor, stats=stats, count_fds=_in_thread(reactor, count_open_fds))
     web = SignalingWeb(
         registry,
         WebSocketTakeover(factory),
         stats_token=options.stats_token,
         hide_ip=bool(options["stats-hide-ip"]),
         stats_origins=options["stats-origins"],
+        stats_rate=options["stats-rate"],
+        stats_burst=options["stats-burst"],
         ice_servers=factory.ice_servers,
         admission=factory.settings,
         clock=reactor,
         metrics=metrics,
         peerjs=getattr(factory, "peerjs", None),
+        stats=stats,
     )
     site = metrics.site = GuardedSite(
         web.resource(), reactor,

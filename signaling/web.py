@@ -1,7 +1,9 @@
 """
 The HTTP side, a Klein app on the same reactor as the WebSocket server:
 
-- ``GET /api/stats``: who is connected, in the shape of the wire contract;
+- ``GET /api/stats``: who is connected, in the shape of the wire contract
+  (built off the relay path by :mod:`signaling.stats`; ETags, gzip, pages
+  and a summary form);
 - ``GET /test.html``: the interactive test page (package data);
 - ``GET /signaling.js``: the browser client module the page is built on;
 - ``GET /``: redirects to the test page;
@@ -19,25 +21,31 @@ import hashlib
 import hmac
 import json
 import re
-from datetime import datetime, timezone
+from collections import deque
 from importlib import resources
-from typing import Dict, List
+from typing import Dict, List, Optional
+from urllib.parse import parse_qs
 from uuid import uuid4
 
 from autobahn.twisted.resource import WebSocketResource
 from klein import Klein
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from signaling._compat import untie_request
 from signaling.admission import Refused, authorize, client_address, host_of, origin_allowed, request_token
 from signaling.httpguard import GuardedChannel
-from signaling.limits import AddressBuckets, address_key
+from signaling.limits import AddressBuckets, Pacer, address_key
 from signaling.metrics import CONTENT_TYPE_LATEST
 from signaling.registry import IClusterRegistry
 from signaling.settings import Settings
+from signaling.stats import GZIP_MIN, Body, StatsCache, iso_utc, parse_query, user_entry
 from signaling.turn import NO_ICE_SERVERS
+
+__all__ = ["SignalingWeb", "Root", "WebSocketTakeover", "iso_utc", "stats_document"]
 
 #: /api/health's status for each state of a cluster registry
 _HEALTH_STATUS = {"connected": "ok", "starting": "starting", "disconnected": "degraded"}
@@ -46,33 +54,188 @@ _HEALTH_STATUS = {"connected": "ok", "starting": "starting", "disconnected": "de
 #: requests for ICE servers per second from one address, on average, and at once
 ICE_SERVERS_RATE, ICE_SERVERS_BURST = 1.0, 10
 
+#: answers of /api/stats, /metrics and /api/dashboard per second to one address, on
+#: average, and at once (--stats-rate, --stats-burst); the requests past them wait
+STATS_RATE, STATS_BURST = 10.0, 20
+
 
 def _json(obj) -> bytes:
     return json.dumps(obj).encode("utf-8")
 
 
-def iso_utc(seconds: float) -> str:
-    """Format a POSIX time as ``2025-09-09T13:00:00.000Z`` (UTC, milliseconds)."""
-    moment = datetime.fromtimestamp(seconds, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
-
-
 def stats_document(peers, hide_ip: bool = False) -> dict:
-    """The ``/api/stats`` document for a list of :class:`~signaling.registry.Peer`."""
-    users = []
-    for p in sorted(peers, key=lambda p: p.connected_at):
-        user = {
-            "id": p.id,
-            "state": p.state,
-            "targetUser": p.target,
-            "connectedAt": iso_utc(p.connected_at),
-            "ip": None if hide_ip else p.ip,
-            "online": p.online,
-        }
-        if p.node is not None:  # (a cluster's registry says which node)
-            user["node"] = p.node
-        users.append(user)
+    """
+    The ``/api/stats`` document for a list of :class:`~signaling.registry.Peer`,
+    built at once (what :class:`~signaling.stats.StatsCache` builds in slices).
+    """
+    users = [user_entry(p, hide_ip) for p in sorted(peers, key=lambda p: p.connected_at)]
     return {"connectedUsers": len(users), "users": users}
+
+
+def accepts_gzip(header: bytes) -> bool:
+    """Whether an ``Accept-Encoding`` header takes gzip (``gzip``/``x-gzip``, or ``*``, with q > 0)."""
+    quality: Dict[bytes, float] = {}
+    for item in header.split(b","):
+        coding, _, params = item.partition(b";")
+        q = 1.0
+        for param in params.split(b";"):
+            name, _, value = param.partition(b"=")
+            if name.strip().lower() == b"q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        quality[coding.strip().lower()] = q
+    for coding in (b"gzip", b"x-gzip", b"*"):
+        if coding in quality:
+            return quality[coding] > 0
+    return False
+
+
+def not_modified(header: bytes, etag: bytes) -> bool:
+    """
+    Whether ``If-None-Match`` names ``etag`` (weakly compared, as RFC 9110
+    says for it; the gzip form's tag counts as the same content).
+    """
+    if header.strip() == b"*":
+        return True
+    tags = {t.strip() for t in header.split(b",")}
+    tags |= {t[2:] for t in tags if t.startswith(b"W/")}
+    return etag in tags or etag[:-1] + b'-gz"' in tags
+
+
+#: bytes of response bodies (all of them together) handed to connections per reactor turn
+WRITE_PER_TURN = 64 * 1024
+
+
+class WriteBudget:
+    """
+    At most ``per_turn`` bytes of response bodies handed to connections in
+    one reactor turn, in all: the copies into the kernel's socket buffers
+    (about 2 ms for a 1.6 MB stats document) are spread over turns, between
+    which the relays are handled.  Bodies that find the budget spent wait
+    for the next turn, first come first served.
+    """
+
+    def __init__(self, clock, per_turn: int = WRITE_PER_TURN):
+        self.clock = clock
+        self.per_turn = per_turn
+        self.left = per_turn
+        self.waiting: List["_Chunks"] = []
+        self._call = None
+
+    def take(self, size: int) -> bool:
+        """Spend ``size`` bytes of this turn's budget; False (spending nothing) if it is spent."""
+        if self.left <= 0:
+            return False
+        self.left -= size
+        self._next_turn()
+        return True
+
+    def wait(self, producer: "_Chunks") -> None:
+        """Resume ``producer`` in the next turn."""
+        self.waiting.append(producer)
+        self._next_turn()
+
+    def _next_turn(self) -> None:
+        if self._call is None:
+            self._call = self.clock.callLater(0, self._turn)
+
+    def _turn(self) -> None:
+        self._call = None
+        self.left = self.per_turn
+        ready, self.waiting = deque(self.waiting), []
+        while ready:  # a chunk each in turn, until the budget is spent (then they wait again, in order)
+            producer = ready.popleft()
+            if producer.budget_left():
+                ready.append(producer)
+
+
+@implementer(IPushProducer)
+class _Chunks:
+    """
+    Writes a body's chunks as the connection takes them (a push producer
+    the transport pauses when its buffer is full) and as the turn's
+    :class:`WriteBudget` allows, then finishes the request.
+    """
+
+    def __init__(self, request, chunks, budget: WriteBudget):
+        self.request = request
+        self.chunks = iter(chunks)
+        self.budget = budget
+        self.pending: Optional[bytes] = None  # the chunk the budget held back
+        self.paused = False
+        self.waiting = False  # for the next turn's budget
+
+    def start(self) -> None:
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self.request.registerProducer(self, True)
+        self._write()
+
+    def _write(self) -> None:
+        while not self.paused and not self.waiting and self.request is not None:
+            if not self._one():
+                return
+
+    def _one(self) -> bool:
+        """Write the next chunk if the turn's budget allows; return whether to go on."""
+        chunk = self.pending if self.pending is not None else next(self.chunks, None)
+        self.pending = None
+        if chunk is None:
+            request, self.request = self.request, None
+            request.unregisterProducer()
+            request.finish()
+            return False
+        if not self.budget.take(len(chunk)):
+            self.pending, self.waiting = chunk, True
+            self.budget.wait(self)
+            return False
+        self.request.write(chunk)  # (which may pause this producer)
+        return True
+
+    def budget_left(self) -> bool:
+        """A new turn's budget: write one chunk; return whether there is more to write now."""
+        self.waiting = False
+        if self.paused or self.request is None:
+            return False
+        return self._one() and not self.paused and self.request is not None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._write()
+
+    def stopProducing(self) -> None:
+        self.request = None  # the connection is gone
+
+
+class BodyResource(Resource):
+    """
+    A :class:`~signaling.stats.Body` as a response: its length, type,
+    encoding and ETag, and its chunks written as the client reads them
+    (never the whole body into the connection's buffer at once).
+    """
+
+    isLeaf = True
+
+    def __init__(self, body: Body, budget: WriteBudget):
+        super().__init__()
+        self.body = body
+        self.budget = budget
+
+    def render(self, request):
+        body = self.body
+        request.setHeader(b"Content-Type", body.content_type)
+        request.setHeader(b"Content-Length", b"%d" % body.length)
+        request.setHeader(b"ETag", body.etag)
+        if body.encoding is not None:
+            request.setHeader(b"Content-Encoding", body.encoding)
+        if request.method == b"HEAD":
+            return b""
+        _Chunks(request, body.chunks, self.budget).start()
+        return NOT_DONE_YET
 
 
 def static_file(name: str) -> bytes:
@@ -191,6 +354,12 @@ class SignalingWeb:
         without it they answer 404.
     :param peerjs: the :class:`~signaling.peerjs_protocol.PeerJSRealm` that
         answers ``GET /<key>/id``; without it, 404.
+    :param stats: the :class:`~signaling.stats.StatsCache` the stats are
+        served from (shared with ``metrics``); by default one of its own.
+    :param stats_rate: answers of ``/api/stats``, ``/metrics`` and
+        ``/api/dashboard`` per second to one client address, on average;
+        the requests past it wait their turn (0: no pacing).
+    :param stats_burst: how many of those one address gets at once.
     """
 
     app = Klein()
@@ -198,14 +367,23 @@ class SignalingWeb:
     app.url_map.merge_slashes = False
 
     def __init__(self, registry, ws_resource=None, stats_token=None, hide_ip=False, stats_origins=(),
-                 ice_servers=NO_ICE_SERVERS, admission=None, clock=None, metrics=None, peerjs=None):
+                 ice_servers=NO_ICE_SERVERS, admission=None, clock=None, metrics=None, stats=None,
+                 stats_rate=STATS_RATE, stats_burst=STATS_BURST, peerjs=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.registry = registry
+        if stats is None:  # (the metrics' own, unless it would show what hide_ip hides)
+            shared = metrics.stats if metrics is not None else None
+            stats = shared if shared is not None and shared.hide_ip == hide_ip else StatsCache(
+                registry, clock, hide_ip=hide_ip)
+        self.stats_cache = stats
+        self.slicer = stats.slicer
         self.ice_servers = ice_servers
         self.admission = Settings() if admission is None else admission
         self.clock = clock
         self._ice_buckets = AddressBuckets(clock, ICE_SERVERS_RATE, ICE_SERVERS_BURST)
+        self.stats_pace = Pacer(clock, stats_rate, stats_burst)
+        self.write_budget = WriteBudget(clock)
         self.ws_resource = ws_resource
         self.stats_token = stats_token
         self.hide_ip = hide_ip
@@ -229,14 +407,49 @@ class SignalingWeb:
         if not origin or not self.stats_origins or not origin_allowed(origin, self.stats_origins):
             return False
         request.setHeader(b"Access-Control-Allow-Origin", origin.encode("latin-1"))
+        request.setHeader(b"Access-Control-Expose-Headers", b"ETag")
         return True
+
+    def _address_key(self, request) -> str:
+        """What the client is counted by (its address, or the proxy's client), as limits count it."""
+        settings = self.admission
+        ip = client_address(
+            host_of(request.getClientAddress()),
+            (request.getHeader(b"x-forwarded-for") or b"").decode("latin-1") or None,
+            settings.trusted_proxies,
+        )
+        return address_key(ip, settings.ipv6_prefix) or ""  # ("": this machine, by a UNIX socket)
+
+    def _paced(self, request, answer):
+        """``answer(request)`` when the client's turn comes (--stats-rate): at once, or later."""
+        wait = self.stats_pace.delay(self._address_key(request))
+        if wait <= 0:
+            return answer(request)
+        return deferLater(self.clock, wait, answer, request)
+
+    def _serve(self, request, body: Body):
+        """
+        ``body`` as the answer to a GET or HEAD: 304 if the client has it
+        (``If-None-Match``), gzip-compressed if it takes that and the body is
+        worth it (``Accept-Encoding``).  Returns what a route returns.
+        """
+        vary = request.responseHeaders.getRawHeaders(b"Vary")
+        request.setHeader(b"Vary", vary[0] + b", Accept-Encoding" if vary else b"Accept-Encoding")
+        gzip = body.length >= GZIP_MIN and accepts_gzip(request.getHeader(b"accept-encoding") or b"")
+        if not_modified(request.getHeader(b"if-none-match") or b"", body.etag):
+            request.setResponseCode(304)
+            request.setHeader(b"ETag", body.etag[:-1] + b'-gz"' if gzip else body.etag)
+            return b""
+        if gzip:
+            return body.gzipped(self.slicer).addCallback(BodyResource, self.write_budget)
+        return BodyResource(body, self.write_budget)
 
     @app.route("/api/stats", methods=["OPTIONS"])
     def stats_preflight(self, request):
         """CORS preflight (a page sending the stats token): allowed only for the listed origins."""
         if self._cors(request):
             request.setHeader(b"Access-Control-Allow-Methods", b"GET, HEAD")
-            request.setHeader(b"Access-Control-Allow-Headers", b"Authorization")
+            request.setHeader(b"Access-Control-Allow-Headers", b"Authorization, If-None-Match")
             request.setHeader(b"Access-Control-Max-Age", b"600")
         request.setResponseCode(204)
         return b""
@@ -252,16 +465,33 @@ class SignalingWeb:
 
     @app.route("/api/stats", methods=["GET", "HEAD"])
     def stats(self, request):
+        """
+        Who is connected (the v1 document), or with ``?summary`` the counts
+        only, or with ``?limit=N&after=ID`` a page of users in id order:
+        from a shared capture, never older than the request (``signaling.stats``).
+        """
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
         self._cors(request)
+        return self._paced(request, self._stats)
+
+    def _stats(self, request):
         refused = self._refused_stats(request)
         if refused is not None:
             return refused
-        d = maybeDeferred(self.registry.peers)
-        d.addCallback(
-            lambda peers: json.dumps(stats_document(peers, self.hide_ip)).encode("utf-8")
-        )
+        try:  # (request.args drops a parameter without "=": ?summary)
+            form = parse_query(parse_qs(request.uri.partition(b"?")[2], keep_blank_values=True))
+        except ValueError as e:
+            request.setResponseCode(400)
+            return _json({"error": str(e)})
+        d = self.stats_cache.document()
+        if form[0] == "summary":
+            d.addCallback(lambda snapshot: snapshot.summary())
+        elif form[0] == "page":
+            d.addCallback(lambda snapshot: snapshot.page(self.slicer, form[1], form[2]))
+        else:
+            d.addCallback(lambda snapshot: snapshot.body)
+        d.addCallback(lambda body: self._serve(request, body))
         d.addErrback(self._unavailable, request)
         return d
 
@@ -283,11 +513,14 @@ class SignalingWeb:
         if self.metrics is None:
             request.setResponseCode(404)
             return b""
+        return self._paced(request, self._prometheus)
+
+    def _prometheus(self, request):
         refused = self._refused_stats(request)
         if refused is not None:
             return refused
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return self.metrics.refresh().addCallback(lambda _: self.metrics.exposition())
+        return self.metrics.exposition_body().addCallback(lambda body: self._serve(request, body))
 
     @app.route("/api/dashboard", methods=["GET", "HEAD"])
     def dashboard_data(self, request):
@@ -298,10 +531,13 @@ class SignalingWeb:
         if self.metrics is None:
             request.setResponseCode(404)
             return _json({"error": "no metrics"})
+        return self._paced(request, self._dashboard_data)
+
+    def _dashboard_data(self, request):
         refused = self._refused_stats(request)
         if refused is not None:
             return refused
-        return self.metrics.refresh().addCallback(lambda _: _json(self.metrics.dashboard()))
+        return self.metrics.dashboard_body().addCallback(lambda body: self._serve(request, body))
 
     @app.route("/api/ice-servers", methods=["GET", "HEAD"])
     def ice(self, request):

@@ -432,3 +432,32 @@ class RegistryResume(RegistryLiveness):
         c = yield self.start("c")
         self.assertEqual(len(a.registry.resume_secret), 64)
         self.assertEqual(a.registry.resume_secret, c.registry.resume_secret)
+
+    @inlineCallbacks
+    def test_stats_read_the_cluster_in_slices(self):
+        """The stats parse the cluster's peers as they read them (peers_lazily), a few a turn: the v1 document."""
+        import itertools
+
+        from signaling.stats import Slicer, StatsCache
+        from signaling.web import stats_document
+
+        a = yield self.start("a")
+        for n in range(100):
+            yield a.add(f"a{n:03d}")
+        yield a.registry.ping("a001", "a002")
+        yield a.registry.pong("a002", "a001")
+        peers = yield a.registry.peers()
+        lazily = yield a.registry.peers_lazily()
+        self.assertNotIsInstance(lazily, list)
+
+        def seen(ps):
+            return [(p.id, p.ip, p.connected_at, p.state, p.target, p.online, p.node) for p in ps]
+
+        self.assertEqual(seen(lazily), seen(peers))
+        ticks = itertools.count()  # the budget's timer: 2 readings a turn, so 2 steps a turn
+        slicer = Slicer(reactor, budget=2, timer=lambda: next(ticks), min_steps=1)
+        snapshot = yield StatsCache(a.registry, reactor, slicer=slicer).document()
+        self.assertEqual(json.loads(snapshot.body.data()), stats_document(peers))
+        self.assertEqual((snapshot.counts["users"], snapshot.counts["pairs"]), (100, 1))
+        self.assertGreaterEqual(slicer.turns, 100 // 16 + 1)  # (parsing alone takes 100 / 16 steps)
+        self.assertEqual(slicer.max_steps, 2)

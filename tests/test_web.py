@@ -274,7 +274,7 @@ def test_stats_cors_only_for_listed_origins():
     for origin in ("https://dash.example", "https://a.ops.example"):
         response, _ = get(listed, "http://localhost/api/stats", headers={"Origin": origin})
         assert response.headers.getRawHeaders("access-control-allow-origin") == [origin]
-        assert response.headers.getRawHeaders("vary") == ["Origin"]
+        assert response.headers.getRawHeaders("vary") == ["Origin, Accept-Encoding"]
     response, _ = get(listed, "http://localhost/api/stats", headers={"Origin": "https://evil.example"})
     assert not response.headers.hasHeader("access-control-allow-origin")
 
@@ -293,7 +293,7 @@ def test_stats_preflight():
         treq.flush()
     allowed, refused = results
     assert allowed.code == 204
-    assert allowed.headers.getRawHeaders("access-control-allow-headers") == ["Authorization"]
+    assert allowed.headers.getRawHeaders("access-control-allow-headers") == ["Authorization, If-None-Match"]
     assert allowed.headers.getRawHeaders("access-control-allow-origin") == ["https://dash.example"]
     assert refused.code == 204 and not refused.headers.hasHeader("access-control-allow-origin")
 
