@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from signaling import __version__, errors, messages
+from signaling import __version__, errors, messages, topics
 from signaling.registry import IClusterRegistry
 from signaling.stats import INTERVAL, Body, Captures, StatsCache
 
@@ -61,7 +61,13 @@ _CLOSE_REASONS = {1001: "shutdown", 1008: "flood", 1009: "too_big", 1002: "proto
 ERROR_CODES = tuple(sorted(set(errors.ERROR_CODES)))
 
 #: the wire protocols a connection may speak (the ``protocol`` label)
-PROTOCOLS = ("native",)
+PROTOCOLS = ("native", "peerjs", "yjs")
+
+#: what becomes of a PeerJS message for an id that is not connected (signaling_peerjs_held)
+PEERJS_OUTCOMES = ("held", "flushed", "expired", "expire_sent", "refused")
+
+#: why a y-webrtc topic is refused to a subscribe (signaling_yjs_refused)
+YJS_REFUSALS = tuple(topics.REASONS)
 
 #: latency buckets, in seconds: 50 µs to 5 s
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -156,13 +162,15 @@ class SignalingCollector:
         ``connecting``, ``connected``, ``pairs``, ``offline``), or None.
     :param cluster: the cluster registry (its state and Redis latency), or None.
     :param node: this process's node id, or None.
+    :param wires: ``() -> metric families`` of the other wire formats served.
     """
 
-    def __init__(self, counts: Counts, connections, http, summary, cluster=None, node=None):
+    def __init__(self, counts: Counts, connections, http, summary, cluster=None, node=None, wires=None):
         self.counts = counts
         self.connections = connections
         self.http = http
         self.summary = summary
+        self.wires = wires  # () -> the other wire formats' families (PeerJS, y-webrtc), if any
         self.cluster = cluster
         self.node = node
 
@@ -225,6 +233,9 @@ class SignalingCollector:
         yield _histogram("signaling_relay_seconds",
                          "Time from reading a message to handing its relay on (to the write batch, or "
                          "to Redis for a peer elsewhere); one relay in 16 is timed.", c.relay_latency)
+
+        if self.wires is not None:
+            yield from self.wires()
 
         if self.cluster is not None:
             up = GaugeMetricFamily("signaling_redis_up", "1 if this node is registered in Redis and admitting.")
@@ -402,7 +413,8 @@ class ServerMetrics:
         self.site: Any = None  # the HTTP site (its connections and refusals), once made
         self.summary: Optional[dict] = None  # the registry's, at the last refresh
         self.collector = SignalingCollector(
-            factory.metrics, self._connections, self._http, lambda: self.summary, self.cluster, self.node
+            factory.metrics, self._connections, self._http, lambda: self.summary, self.cluster, self.node,
+            self._wire_families,
         )
         self.process = ProcessMetrics(clock, count_fds)
         members = collectors(self.collector, self.process)
@@ -412,7 +424,33 @@ class ServerMetrics:
         self.dashboards = Captures(clock, self._capture_dashboard, interval, slicer=self.stats.slicer)
 
     def _connections(self) -> Dict[str, int]:
-        return {"native": self.factory.admitted}
+        others = dict(self.factory.opened_by_wire)  # (PeerJS, y-webrtc: from their handshake's path on)
+        return {"native": self.factory.admitted - sum(others.values()), **others}
+
+    def _wire_families(self):
+        """What the PeerJS and y-webrtc sides of this process did (those served)."""
+        peerjs = getattr(self.factory, "peerjs", None)
+        if peerjs is not None:
+            yield _labelled(
+                "signaling_peerjs_held",
+                "PeerJS messages for ids not connected yet, by outcome (held; flushed to the id; expired "
+                "unsent; refused: past a bound), and EXPIRE frames sent (expire_sent).",
+                "outcome", {k: peerjs.counts.get(k, 0) for k in PEERJS_OUTCOMES})
+        yjs = getattr(self.factory, "yjs", None)
+        if yjs is not None:
+            counters = yjs.counters()
+            yield _counter("signaling_yjs_publishes", "y-webrtc publishes received by this process.",
+                           counters["publishes"])
+            yield _counter("signaling_yjs_delivered",
+                           "y-webrtc publish frames handed to this process's subscribers.", counters["delivered"])
+            yield _labelled("signaling_yjs_refused", "y-webrtc topics refused to a subscribe, by reason.",
+                            "reason", {k: counters["refused"].get(k, 0) for k in YJS_REFUSALS})
+            summary = yjs.summary()
+            for name, doc in (("topics", "y-webrtc topics with subscribers on this process."),
+                              ("subscriptions", "y-webrtc subscriptions on this process.")):
+                family = GaugeMetricFamily("signaling_yjs_" + name, doc)
+                family.add_metric([], summary[name])
+                yield family
 
     def _http(self):
         site = self.site

@@ -21,7 +21,7 @@ then run one after another, in the order their frames arrived.
 
 import itertools
 import os
-from collections import deque
+from collections import Counter, deque
 from time import perf_counter
 from typing import Any, Dict, Optional, Set
 
@@ -143,6 +143,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             # another wire format on this path: this connection is one of its
             # protocols from now on (a subclass: same state, other hooks)
             self.__class__ = wire
+            factory.opened_by_wire[wire.wire] += 1  # (less in connectionLost: metrics)
             return self.onConnect(request)
         settings = factory.settings
         if self._key is None:  # through a trusted proxy: count the client it forwards for
@@ -274,6 +275,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
 
     def connectionLost(self, reason=connectionDone):
         WebSocketServerProtocol.connectionLost(self, reason)
+        if self.wire != "native":
+            self.factory.opened_by_wire[self.wire] -= 1
         self.factory.release(self)
         _compat.forget_closed_deferred(self)  # (nothing waits on it here)
 
@@ -736,6 +739,8 @@ class SignalingFactory(WebSocketServerFactory):
         self.connections: Dict[str, SignalingServerProtocol] = {}  # by id (with its format's id_prefix)
         #: handshake path -> the protocol class of another wire format served there (see serve())
         self.wire_formats: Dict[str, type] = {}
+        #: wire format -> its WebSockets opening or open now (the native ones: admitted less these)
+        self.opened_by_wire: Counter = Counter()
         self.shutting_down = False
         # every WebSocket connection from its first byte to its end, in total
         # and per address key (an IPv6 client by its /ipv6_prefix network)

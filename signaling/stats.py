@@ -92,8 +92,18 @@ def iso_utc(seconds: float) -> str:
     return "%s%03dZ" % (prefix, micros // 1000)
 
 
-def user_entry(peer, hide_ip: bool = False) -> dict:
-    """One user of the stats document (the v1 keys, in order; ``node`` in a cluster)."""
+def protocol_of(peer_id: str) -> str:
+    """The wire protocol of a registered id: its prefix (``peerjs/...``), or ``native``."""
+    prefix, slash, _ = peer_id.partition("/")
+    return prefix if slash else "native"
+
+
+def user_entry(peer, hide_ip: bool = False, topics: Optional[int] = None) -> dict:
+    """
+    One user of the stats document (the v1 keys, in order; then
+    ``protocol``; ``node`` in a cluster; ``topics`` for a y-webrtc client
+    of this process).
+    """
     user = {
         "id": peer.id,
         "state": peer.state,
@@ -101,9 +111,12 @@ def user_entry(peer, hide_ip: bool = False) -> dict:
         "connectedAt": iso_utc(peer.connected_at),
         "ip": None if hide_ip else peer.ip,
         "online": peer.online,
+        "protocol": protocol_of(peer.id),
     }
     if peer.node is not None:  # (a cluster's registry says which node)
         user["node"] = peer.node
+    if topics is not None:
+        user["topics"] = topics
     return user
 
 
@@ -475,11 +488,14 @@ class StatsCache:
     :param hide_ip: ``null`` instead of addresses.
     :param interval: seconds between the beginnings of two captures, at least.
     :param slicer: the :class:`Slicer` to build in (one per web app).
+    :param rooms: the y-webrtc rooms of this process (``topics_of(id)`` and a
+        ``generation`` of their changes), for each y-webrtc user's ``topics``.
     """
 
     def __init__(self, registry, clock, hide_ip: bool = False, interval: float = INTERVAL,
-                 slicer: Optional[Slicer] = None):
+                 slicer: Optional[Slicer] = None, rooms=None):
         self.registry = registry
+        self.rooms = rooms
         self.clock = clock
         self.hide_ip = hide_ip
         self.slicer = slicer if slicer is not None else Slicer(clock)
@@ -488,7 +504,10 @@ class StatsCache:
         self.summaries = Captures(clock, self._capture_summary, interval, self._generation, self.slicer)
 
     def _generation(self):
-        return getattr(self.registry, "generation", None)
+        generation = getattr(self.registry, "generation", None)
+        if generation is None or self.rooms is None:
+            return generation
+        return generation, self.rooms.generation
 
     def document(self) -> Deferred:
         """Fires with a :class:`Snapshot`."""
@@ -548,6 +567,7 @@ class StatsCache:
         ordered = heapq.merge(*runs, key=_connected_at) if len(runs) > 1 else iter(runs[0] if runs else ())
 
         hide_ip = self.hide_ip
+        rooms = self.rooms
         old, new = self._fragments, {}
         entries: List[Tuple[str, bytes]] = []
         chunks: List[bytes] = []
@@ -557,10 +577,11 @@ class StatsCache:
         counts = {"idle": 0, "connecting": 0, "connected": 0}
         offline = 0
         for n, p in enumerate(ordered, 1):
-            made_of = (p.state, p.target, p.online, None if hide_ip else p.ip, p.node, p.connected_at)
+            topics = rooms.topics_of(p.id) if rooms is not None and p.id.startswith("yjs/") else None
+            made_of = (p.state, p.target, p.online, None if hide_ip else p.ip, p.node, p.connected_at, topics)
             cached = old.get(p.id)
             if cached is None or cached[0] != made_of:
-                cached = (made_of, messages.encode(user_entry(p, hide_ip)))
+                cached = (made_of, messages.encode(user_entry(p, hide_ip, topics)))
             new[p.id] = cached
             fragment = cached[1]
             entries.append((p.id, fragment))

@@ -545,7 +545,7 @@ def _in_thread(reactor, function):
 
 
 def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedSite:
-    stats = StatsCache(registry, reactor, hide_ip=bool(options["stats-hide-ip"]))
+    stats = StatsCache(registry, reactor, hide_ip=bool(options["stats-hide-ip"]), rooms=getattr(factory, "yjs", None))
     metrics = ServerMetrics(factory, registry, reactor, stats=stats, count_fds=_in_thread(reactor, count_open_fds))
     web = SignalingWeb(
         registry,

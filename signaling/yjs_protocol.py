@@ -134,6 +134,7 @@ class YjsRooms:
         self.publishes = 0  # publishes received
         self.delivered = 0  # frames handed to subscribers' sockets here
         self.refused: Counter = Counter()  # topics refused to a subscribe, by reason
+        self.generation = 0  # counts changes of who subscribes to what here (the stats' cache)
 
     # -- subscriptions --------------------------------------------------------
 
@@ -160,6 +161,8 @@ class YjsRooms:
         return change
 
     def _changed(self, change: Change, step: int):
+        if change.topics:
+            self.generation += 1
         if change.topics and self.backend is not None:
             return self.backend.changed(change, step)
         return None

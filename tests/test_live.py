@@ -26,7 +26,8 @@ def test_welcome_is_uuid4_and_user_appears_idle(server):
         assert a.peer_id != b.peer_id
         assert uuid.UUID(a.peer_id).version == 4
         user = server.users()[a.peer_id]
-        assert set(user) == {"id", "state", "targetUser", "connectedAt", "ip", "online"}
+        assert set(user) == {"id", "state", "targetUser", "connectedAt", "ip", "online", "protocol"}
+        assert user["protocol"] == "native"
         assert (user["state"], user["targetUser"], user["ip"]) == ("idle", None, "127.0.0.1")
         await a.close()
         await b.close()

@@ -168,3 +168,63 @@ def test_one_relay_in_sample_is_timed():
     _, fams = scrape(h)
     assert value(fams, "signaling_relays_total", type="ice-candidate") == 3 * Counts.SAMPLE - 2
     assert value(fams, "signaling_relay_seconds_count") == 3
+
+
+def test_other_wire_formats_by_protocol_in_metrics_and_stats():
+    """
+    PeerJS and y-webrtc connections are counted under their own protocol (and
+    the native ones no more), with their own families; each user of the stats
+    says its protocol, and a y-webrtc user of this process its topic count.
+    """
+    import json
+
+    from signaling.peerjs_protocol import serve_peerjs
+    from signaling.stats import StatsCache
+    from signaling.yjs_protocol import install
+
+    h = Harness()
+    serve_peerjs(h.factory)
+    install(h.factory)
+    native = h.connect()
+    pj = h.connect(handshake=False, url="ws://127.0.0.1:8080/peerjs?key=peerjs&id=alice&token=t1")
+    assert [m["type"] for m in pj.take()] == ["OPEN"]
+    pj.send_json({"type": "OFFER", "dst": "bob", "payload": {"sdp": "x"}})  # bob is not here yet: held
+    y1 = h.connect(handshake=False, url="ws://127.0.0.1:8080/yjs")
+    y2 = h.connect(handshake=False, url="ws://127.0.0.1:8080/yjs")
+    h.send(y1, {"type": "subscribe", "topics": ["room-a", "room-b"]})
+    h.send(y2, {"type": "subscribe", "topics": ["room-a", 7]})  # 7: an invalid topic, refused
+    h.send(y1, {"type": "publish", "topic": "room-a", "data": 1})
+    metrics = ServerMetrics(h.factory, h.registry, h.clock, stats=StatsCache(h.registry, h.clock, rooms=h.factory.yjs))
+    metrics.refresh()
+    h.clock.advance(1)
+    fams = families(metrics.exposition().decode("utf-8"))
+    assert value(fams, "signaling_connections", protocol="native") == 1
+    assert value(fams, "signaling_connections", protocol="peerjs") == 1
+    assert value(fams, "signaling_connections", protocol="yjs") == 2
+    assert value(fams, "signaling_peerjs_held_total", outcome="held") == 1
+    assert value(fams, "signaling_yjs_publishes_total") == 1
+    assert value(fams, "signaling_yjs_delivered_total") == 2
+    assert value(fams, "signaling_yjs_refused_total", reason="invalid-topic") == 1
+    assert value(fams, "signaling_yjs_topics") == 2 and value(fams, "signaling_yjs_subscriptions") == 3
+
+    d = metrics.stats.document()
+    h.clock.advance(1)
+    users = {u["id"]: u for u in json.loads(d.result.body.data())["users"]}
+    assert users[native.peer_id]["protocol"] == "native" and "topics" not in users[native.peer_id]
+    assert users["peerjs/alice"]["protocol"] == "peerjs"
+    yjs = sorted((u["protocol"], u["topics"]) for u in users.values() if u["id"].startswith("yjs/"))
+    assert yjs == [("yjs", 1), ("yjs", 2)]
+
+    h.send(y2, {"type": "unsubscribe", "topics": ["room-a"]})  # (a change the stats must see)
+    d = metrics.stats.document()
+    h.clock.advance(1)
+    users = json.loads(d.result.body.data())["users"]
+    assert sorted(u["topics"] for u in users if u["protocol"] == "yjs") == [0, 2]
+    for c in (pj, y1, y2):
+        c.sendClose(1000)
+    h.flush()
+    h.clock.advance(1)
+    fams = families(metrics.exposition().decode("utf-8"))
+    assert value(fams, "signaling_connections", protocol="peerjs") == 0
+    assert value(fams, "signaling_connections", protocol="yjs") == 0
+    assert value(fams, "signaling_connections", protocol="native") == 1

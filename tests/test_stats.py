@@ -336,14 +336,19 @@ def build(cache, clock):
 
 
 def test_document_is_the_v1_document():
-    """The built document is exactly the v1 one (keys, order, values), oldest first, with its counts."""
+    """
+    The built document is the v1 one (its keys first, in order, and values),
+    oldest first, with its counts; each user also says its wire protocol.
+    """
     registry, clock = registry_of(300, pairs=40, offline=["user-00003"])
     cache = StatsCache(registry, clock)
     snapshot = build(cache, clock)
     doc = json.loads(snapshot.body.data())
     assert doc == stats_document(registry.peers())
     assert list(doc) == ["connectedUsers", "users"]
-    assert [list(u) for u in doc["users"][:1]] == [["id", "state", "targetUser", "connectedAt", "ip", "online"]]
+    assert [list(u) for u in doc["users"][:1]] == [
+        ["id", "state", "targetUser", "connectedAt", "ip", "online", "protocol"]]
+    assert {u["protocol"] for u in doc["users"]} == {"native"}
     assert doc["connectedUsers"] == 300 and doc["users"][0]["connectedAt"] == "2025-09-09T13:00:00.500Z"
     assert snapshot.counts == registry.summary() == {
         "users": 300, "idle": 220, "connecting": 0, "connected": 80, "pairs": 40, "offline": 1}

@@ -63,7 +63,8 @@ def test_stats_empty(setup):
 def test_stats_shape(setup):
     """
     Each user appears with exactly id, state, targetUser, connectedAt and ip
-    (the v1 shape), and online (false during a grace period), oldest first.
+    (the v1 shape), online (false during a grace period) and its wire
+    protocol, oldest first.
     """
     registry, clock, treq = setup
     registry.add("u1", "127.0.0.1")
@@ -81,11 +82,11 @@ def test_stats_shape(setup):
         "connectedUsers": 3,
         "users": [
             {"id": "u1", "state": "connected", "targetUser": "u2",
-             "connectedAt": "2025-09-09T13:00:00.500Z", "ip": "127.0.0.1", "online": True},
+             "connectedAt": "2025-09-09T13:00:00.500Z", "ip": "127.0.0.1", "online": True, "protocol": "native"},
             {"id": "u2", "state": "connected", "targetUser": "u1",
-             "connectedAt": "2025-09-09T13:00:01.750Z", "ip": "::1", "online": True},
+             "connectedAt": "2025-09-09T13:00:01.750Z", "ip": "::1", "online": True, "protocol": "native"},
             {"id": "u3", "state": "connecting", "targetUser": "u2",
-             "connectedAt": "2025-09-09T13:00:02.750Z", "ip": "127.0.0.2", "online": False},
+             "connectedAt": "2025-09-09T13:00:02.750Z", "ip": "127.0.0.2", "online": False, "protocol": "native"},
         ],
     }
     for user in doc["users"]:
@@ -193,7 +194,7 @@ def test_stats_hide_ip():
     _, body = get(treq, "http://localhost/api/stats")
     [user] = json.loads(body)["users"]
     assert user["ip"] is None and user["id"] == "u1" and set(user) == {
-        "id", "state", "targetUser", "connectedAt", "ip", "online"
+        "id", "state", "targetUser", "connectedAt", "ip", "online", "protocol"
     }
 
 
