@@ -39,6 +39,7 @@ docs/performance.rst ("Against PeerJS server (Node)").
 
 import errno
 import sys
+from errno import EWOULDBLOCK
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 
 from twisted.internet import epollreactor, posixbase, tcp
@@ -46,6 +47,7 @@ from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST, installReact
 from twisted.python import log
 
 _NO_FILEDESC = posixbase._NO_FILEDESC
+_TCP_SERVER = tcp.Server
 _DISCONNECTED = EPOLLHUP | EPOLLERR
 
 
@@ -120,11 +122,32 @@ class SignalingReactor(epollreactor.EPollReactor):
                 return
             raise
         selectables = self._selectables
+        reads = self._reads
         dispatch = self._dispatch
         for fd, event in events:
             selectable = selectables.get(fd)
-            if selectable is not None:
-                dispatch(selectable, fd, event)
+            if selectable is None:
+                continue
+            if event == EPOLLIN and type(selectable) is _TCP_SERVER and fd in reads:
+                # the commonest event, an accepted connection (still reading)
+                # with data: tcp.Connection.doRead and _dataReceived, inline
+                try:
+                    data = selectable.socket.recv(selectable.bufferSize)
+                except OSError as e:
+                    if e.args[0] != EWOULDBLOCK:
+                        self._disconnectSelectable(selectable, CONNECTION_LOST, True)
+                    continue
+                if not data:
+                    self._disconnectSelectable(selectable, CONNECTION_DONE, True)
+                    continue
+                try:
+                    selectable.protocol.dataReceived(data)
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.callWithLogger(selectable, log.err)
+                    self._disconnectSelectable(selectable, why, True)
+                continue
+            dispatch(selectable, fd, event)
         if self._to_try:
             self._try_writes()
 
