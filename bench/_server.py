@@ -26,6 +26,12 @@ MEASURED = [
 ]
 
 
+#: twistd's own options for our server in the measured configuration: the
+#: reactor built for it (signaling/reactor.py).  ``bench/perf.py
+#: --ours-reactor default`` measures it on Twisted's default reactor instead.
+MEASURED_TWISTD = ["-r", "signaling-epoll"]
+
+
 def pinned(core, argv):
     """``argv`` under ``taskset -c core`` where taskset exists (and core is not None)."""
     if core is None or not shutil.which("taskset"):

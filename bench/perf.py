@@ -20,7 +20,7 @@ servers' CPU time and the load on both cores are read.
 Servers: ``ours`` in its measured configuration (every protection on: size
 and rate limits, connection limits, keepalive, outbound cap; the limits a
 single load-generating host needs raised, see docs/performance.rst; the
-per-relay log line off); ``peerjs``, PeerJS server 1.0 with its own CLI
+per-relay log line off; ``twistd -r signaling-epoll``); ``peerjs``, PeerJS server 1.0 with its own CLI
 (``peerjs --port P``, its one limit, 5,000 concurrent peers, raised as
 ours are); ``baseline``, a naive twenty-line Autobahn relay.
 
@@ -44,7 +44,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import _node  # noqa: E402
-from _server import MEASURED, Server, pinned  # noqa: E402
+from _server import MEASURED, MEASURED_TWISTD, Server, pinned  # noqa: E402
 
 SERVERS = ("ours", "peerjs", "baseline")
 SERVER_CORE, GENERATOR_CORE = 0, 1
@@ -128,13 +128,22 @@ def wait_quiet(limit_s, threshold=0.15):
 # -- servers and generators -------------------------------------------------------------
 
 
-def start(name, python=None):
-    """A server pinned to core 0: ours or the baseline on ``python`` (default: this interpreter), or PeerJS's."""
+def start(name, args):
+    """
+    A server pinned to core 0: ours or the baseline on ``args.python``
+    (default: this interpreter; ours also ``args.ours_python``, e.g. another
+    venv's, for a before/after), or PeerJS's.
+    """
+    python = args.python
     if name == "ours":
-        return Server(*MEASURED, core=SERVER_CORE, python=python)
+        return Server(*MEASURED, core=SERVER_CORE, python=args.ours_python or python, twistd=ours_twistd(args))
     if name == "peerjs":
         return _node.PeerJSServer(core=SERVER_CORE)
     return Server(core=SERVER_CORE, argv=[python or sys.executable, os.path.join(HERE, "baseline_server.py")])
+
+
+def ours_twistd(args):
+    return [] if args.ours_reactor == "default" else ["-r", args.ours_reactor]
 
 
 def target(name, server, args):
@@ -245,7 +254,7 @@ def run_server(name, generator, args, scenarios):
     out = {}
     steady = [s for s in scenarios if not SCENARIOS[s][1]]
     if steady:
-        server = start(name, args.python)
+        server = start(name, args)
         try:
             for scenario in steady:
                 out[scenario] = measure(name, scenario, server, generator, args)
@@ -255,7 +264,7 @@ def run_server(name, generator, args, scenarios):
     for scenario in scenarios:
         if not SCENARIOS[scenario][1]:
             continue
-        server = start(name, args.python)  # a fresh process for each connection scenario
+        server = start(name, args)  # a fresh process for each connection scenario
         try:
             if scenario == "idle":
                 out["idle"] = idle_rss(name, server, generator, args)
@@ -361,6 +370,7 @@ def run_all(args):
     machine["load_generator"] = {"node": f"Node {machine.get('node')} + ws {machine.get('ws')}",
                                  "picows": runtime(None) + " + picows"}[generators[0]]
     results = {"machine": machine, "generator": generators[0], "ours_options": MEASURED,
+               "ours_twistd_options": ours_twistd(args), "ours_python": runtime(args.ours_python or args.python),
                "peerjs_options": _node.PEERJS_OPTIONS, "rounds": args.rounds, "seconds": float(args.seconds)}
     for i, generator in enumerate(generators):
         suite = run_generator_suite(generator, args, scenarios)
@@ -417,6 +427,11 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated scenarios, from: " + ", ".join(SCENARIOS))
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything, servers alternated; "
                         "each figure is then the median round, with every round's figures kept")
+    parser.add_argument("--ours-reactor", default=MEASURED_TWISTD[1],
+                        help="twistd -r for our server (default: %(default)s; 'default': Twisted's own)")
+    parser.add_argument("--ours-python", default=None,
+                        help="interpreter (of a venv with the server installed) to run our server on, e.g. an older "
+                             "version's, for a before/after")
     parser.add_argument("--ours-protocol", choices=["native", "peerjs"], default="native",
                         help="the protocol the generator speaks to our server (peerjs: at /peerjs)")
     parser.add_argument("--burst", type=int, default=None, help="(kept for old command lines; ignored)")
