@@ -26,6 +26,12 @@ MEASURED = [
 ]
 
 
+#: twistd's own options for our server in the measured configuration: the
+#: reactor built for it (signaling/reactor.py).  ``bench/perf.py
+#: --ours-reactor default`` measures it on Twisted's default reactor instead.
+MEASURED_TWISTD = ["-r", "signaling-epoll"]
+
+
 def pinned(core, argv):
     """``argv`` under ``taskset -c core`` where taskset exists (and core is not None)."""
     if core is None or not shutil.which("taskset"):
@@ -34,14 +40,19 @@ def pinned(core, argv):
 
 
 class Server:
-    def __init__(self, *args, core=None, argv=None, python=None):
+    """
+    ``args`` go to the plugin (``twistd ... signaling ARGS``), ``twistd``
+    to twistd itself, before the plugin name (``-r signaling-epoll``).
+    """
+
+    def __init__(self, *args, core=None, argv=None, python=None, twistd=()):
         self.tmp = tempfile.mkdtemp(prefix="signaling-bench-")
         if argv is None:
-            twistd = os.path.join(os.path.dirname(python or sys.executable), "twistd")
+            twistd_bin = os.path.join(os.path.dirname(python or sys.executable), "twistd")
             listen = ["--http=tcp:0:interface=127.0.0.1"]
             if not any(a.startswith("--ws=") for a in args):
                 listen.append("--ws=tcp:0:interface=127.0.0.1")
-            argv = [twistd, "-n", "--pidfile=", "signaling", *listen, "--summary-interval=0", *args]
+            argv = [twistd_bin, "-n", "--pidfile=", *twistd, "signaling", *listen, "--summary-interval=0", *args]
         self.proc = subprocess.Popen(
             pinned(core, argv), cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

@@ -8,6 +8,7 @@ server that does (ours, or the naive baseline), and prints one JSON report.
     python bench/loadgen.py burst URL -n 10000 -c 200
     python bench/loadgen.py idle URL -n 10000 --hold 5
     python bench/loadgen.py churn URL --rate 20 --seconds 10
+    python bench/loadgen.py relay ws://HOST:PORT/peerjs --protocol peerjs   # PeerJS server 1.0's protocol
 
 relay: P pairs bounce a 300-byte offer/answer with W messages in flight per
 pair; messages/s and one-way latency.  rate: the same pairs at a fixed total
@@ -15,6 +16,14 @@ offered rate; latency.  burst: N connections, at most C opening at once;
 connections/s and time to welcome.  idle: open N connections, hold them,
 report when all are welcomed (the caller reads the server's memory).
 churn: open and close connections at a fixed rate (users come and go).
+
+``--protocol peerjs`` speaks PeerJS server 1.0's protocol instead: each
+connection picks its id and token (``?key=&id=&token=``) and is open at
+``{"type": "OPEN"}``; OFFER/ANSWER frames name the target in ``dst`` and
+arrive with ``src`` stamped; there is no pairing.  ``bench/node/loadgen.mjs``
+is the same generator on Node and ``ws``.  Both print ``{"phase": ...}``
+lines when the measured part of a relay or a burst starts and ends (the
+caller reads the server's CPU time there).
 """
 
 import argparse
@@ -24,6 +33,8 @@ import json
 import resource
 import sys
 import time
+import uuid
+from urllib.parse import urlencode
 
 from picows import WSListener, WSMsgType, ws_connect
 
@@ -46,8 +57,15 @@ def pct(values, p):
     return values[min(len(values) - 1, int(round(p / 100.0 * (len(values) - 1))))]
 
 
+def phase(name):
+    """Tell the caller where a run is (it reads the server's CPU time at each)."""
+    print(json.dumps({"phase": name}), flush=True)
+
+
 class Peer(WSListener):
     """One connection: resolves ``welcome`` with its id, hands frames to ``on_message``."""
+
+    peerjs = False
 
     def __init__(self):
         self.welcome = asyncio.get_running_loop().create_future()
@@ -62,6 +80,9 @@ class Peer(WSListener):
         if frame.msg_type != WSMsgType.TEXT:
             return
         msg = loads(frame.get_payload_as_bytes())
+        if self.peerjs:
+            self._peerjs(msg)
+            return
         if msg["type"] == "welcome":
             self.id = msg["id"]
             if not self.welcome.done():
@@ -71,20 +92,57 @@ class Peer(WSListener):
         elif self.on_message is not None:
             self.on_message(msg)
 
+    def _peerjs(self, msg):
+        kind = msg["type"]
+        if kind == "OPEN":
+            if not self.welcome.done():
+                self.welcome.set_result(self.id)
+        elif kind in ("ERROR", "ID-TAKEN", "INVALID-KEY", "EXPIRE"):
+            self.errors += 1
+            if not self.welcome.done():
+                self.welcome.set_exception(ConnectionError(kind))
+        elif self.on_message is not None and kind != "HEARTBEAT":
+            msg["from"], msg["data"] = msg.get("src"), msg.get("payload")
+            self.on_message(msg)
+
     def on_ws_disconnected(self, transport):
         if not self.welcome.done():
             self.welcome.set_exception(ConnectionError("closed before welcome"))
 
 
+PEERJS_KEY = "peerjs"
+
+
 async def open_peer(url):
+    peer_id = None
+    if Peer.peerjs:  # the client names itself
+        peer_id = str(uuid.uuid4())
+        query = urlencode({"key": PEERJS_KEY, "id": peer_id, "token": uuid.uuid4().hex[:8]})
+        url = url + ("&" if "?" in url else "?") + query
     transport, peer = await ws_connect(Peer, url, websocket_handshake_timeout=60)
     peer.transport = transport
+    peer.id = peer_id or peer.id
     await asyncio.wait_for(peer.welcome, 60)
+    if Peer.peerjs:
+        peer.heartbeat = asyncio.get_running_loop().create_task(heartbeat(peer))
     return peer
 
 
+async def heartbeat(peer):
+    """What the PeerJS client sends every 5 s."""
+    while True:
+        await asyncio.sleep(5)
+        try:
+            peer.transport.send(WSMsgType.TEXT, b'{"type":"HEARTBEAT"}')
+        except Exception:  # (closed meanwhile)
+            return
+
+
 def send(peer, kind, to, data):
-    peer.transport.send(WSMsgType.TEXT, _dumps({"type": kind, "to": to, "data": data}))
+    if Peer.peerjs:
+        peer.transport.send(WSMsgType.TEXT, _dumps({"type": kind.upper(), "dst": to, "payload": data}))
+    else:
+        peer.transport.send(WSMsgType.TEXT, _dumps({"type": kind, "to": to, "data": data}))
 
 
 async def make_pairs(url, count, url_b=None):
@@ -92,6 +150,9 @@ async def make_pairs(url, count, url_b=None):
     pairs = []
     for _ in range(count):
         a, b = await open_peer(url), await open_peer(url_b or url)
+        if Peer.peerjs:  # (no pairing in PeerJS)
+            pairs.append((a, b))
+            continue
         got = asyncio.get_running_loop().create_future()
         b.on_message = lambda m, f=got: f.done() or f.set_result(m)
         send(a, "ping", b.id, {})
@@ -134,15 +195,18 @@ async def relay(args):
         for _ in range(args.inflight):
             send(a, "offer", b.id, {"type": "offer", "sdp": SDP, "t": time.perf_counter()})
     await asyncio.sleep(args.warmup)  # a benchmark: let the JIT and caches settle
+    phase("measuring")
     measuring[0] = True
     t0 = time.perf_counter()
     await asyncio.sleep(args.seconds)
     measuring[0] = False
     elapsed = time.perf_counter() - t0
+    phase("measured")
     stop_at[0] = time.perf_counter()
     await asyncio.sleep(0.5)
     return {
-        "scenario": "relay", "pairs": args.pairs, "inflight": args.inflight, "split": bool(args.url_b),
+        "scenario": "relay", "protocol": args.protocol, "generator": "picows",
+        "pairs": args.pairs, "inflight": args.inflight, "split": bool(args.url_b),
         "messages_per_s": round(counted[0] / elapsed),
         "latency_ms": {k: round(pct(latencies, p) * 1000, 3) for k, p in (("p50", 50), ("p99", 99), ("p999", 99.9))},
         "errors": sum(a.errors + b.errors for a, b in pairs),
@@ -170,7 +234,8 @@ async def rate(args):
     n_warm = int(len(latencies) * args.warmup / (args.warmup + args.seconds))
     lat = latencies[n_warm:]
     return {
-        "scenario": "rate", "pairs": args.pairs, "offered_per_s": args.rate, "received": len(latencies),
+        "scenario": "rate", "protocol": args.protocol, "generator": "picows",
+        "pairs": args.pairs, "offered_per_s": args.rate, "received": len(latencies),
         "latency_ms": {k: round(pct(lat, p) * 1000, 3)
                        for k, p in (("p50", 50), ("p99", 99), ("p999", 99.9), ("max", 100))},
         "errors": sum(a.errors + b.errors for a, b in pairs),
@@ -191,13 +256,16 @@ async def burst(args):
             except Exception:
                 failures[0] += 1
 
+    phase("measuring")
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(args.n)))
     elapsed = time.perf_counter() - t0
+    phase("measured")
     for p in peers:
         p.transport.disconnect()
     return {
-        "scenario": "burst", "connections": args.n, "concurrency": args.c, "welcomed": len(times),
+        "scenario": "burst", "protocol": args.protocol, "generator": "picows",
+        "connections": args.n, "concurrency": args.c, "welcomed": len(times),
         "failed": failures[0], "connections_per_s": round(len(times) / elapsed),
         "welcome_ms": {k: round(pct(times, p) * 1000, 2) for k, p in (("p50", 50), ("p99", 99), ("max", 100))},
         "waited_1s_or_more": sum(1 for t in times if t >= 1.0),
@@ -251,7 +319,10 @@ def main():
     parser.add_argument("-n", type=int, default=1000)
     parser.add_argument("-c", type=int, default=200)
     parser.add_argument("--hold", type=float, default=5.0)
+    parser.add_argument("--protocol", choices=["native", "peerjs"], default="native",
+                        help="peerjs: PeerJS server 1.0's protocol (URL: ws://HOST:PORT/peerjs)")
     args = parser.parse_args()
+    Peer.peerjs = args.protocol == "peerjs"
     if args.n > 20000 or args.pairs > 2000 or args.seconds > 120:
         parser.error("bounded: -n <= 20000, --pairs <= 2000, --seconds <= 120")
     # A bounded run: no cycle collector.  Its full collections walk every

@@ -36,11 +36,16 @@ def write(transport, data: bytes) -> bool:
     message.  Anything not sent at once goes through ``transport.write``.
     Return whether the socket took all of it (then nothing waits unsent).
 
+    The socket's ``send`` is called directly (what ``writeSomeData`` does,
+    less a memoryview and a wrapper per call); any error (would block, or
+    the connection is broken) leaves the data to ``transport.write``, which
+    buffers it, and Twisted's own write path meets the error and reports it
+    as it always does.
+
     Relies on ``tcp.Server``'s buffers (``dataBuffer``, ``_tempDataBuffer``),
-    its ``connected``/``disconnecting``/``producer`` flags and
-    ``writeSomeData`` (an int on success).  If they change, the compat test
-    fails; at worst the fast write is skipped (``transport.write`` is always
-    correct).
+    its ``connected``/``disconnecting``/``producer`` flags and its
+    ``socket``.  If they change, the compat test fails; at worst the fast
+    write is skipped (``transport.write`` is always correct).
     """
     if (
         type(transport) is tcp.Server
@@ -50,10 +55,13 @@ def write(transport, data: bytes) -> bool:
         and not transport.disconnecting
         and transport.producer is None
     ):
-        written = transport.writeSomeData(data)
-        if isinstance(written, int):
-            if written == len(data):
-                return True
+        try:
+            written = transport.socket.send(data)
+        except OSError:
+            written = 0
+        if written == len(data):
+            return True
+        if written:
             data = data[written:]
     transport.write(data)
     return False

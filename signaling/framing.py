@@ -5,14 +5,27 @@ reactor work as possible, and measuring what waits unsent: ``_tcp``.)
 """
 
 import struct
+from typing import Dict
+
+#: words -> the integer whose every 32-bit word is 1, for frames up to 1 KiB:
+#: multiplied by the mask, it is the mask repeated over the whole frame
+#: (filled as lengths are met; at most 256 entries, 128 KiB)
+_ONES: Dict[int, int] = {}
+_ONES_WORDS = 256
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR ``payload`` with the 4-byte ``mask`` repeated (RFC 6455, 5.3), as one big integer."""
     n = len(payload)
-    if not n:
-        return b""
-    key = int.from_bytes((mask * ((n >> 2) + 1))[:n], "big")
-    return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
+    words = (n + 3) >> 2
+    if words <= _ONES_WORDS:
+        ones = _ONES.get(words)
+        if ones is None:
+            ones = _ONES[words] = int.from_bytes(b"\x01\x00\x00\x00" * words, "little")
+        key = int.from_bytes(mask, "little") * ones  # (a multiplication is cheaper than building the bytes)
+    else:
+        key = int.from_bytes(mask * words, "little")
+    return (int.from_bytes(payload, "little") ^ key).to_bytes(words << 2, "little")[:n]
 
 
 def text_frame(payload: bytes) -> bytes:
