@@ -32,11 +32,22 @@ def connection_made_quietly(proto, base) -> None:
 
     Relies on ``CONFIG_ATTRS`` (the option names Autobahn copies) and
     ``_connectionMade``.  If they change: connects are slower, nothing else.
+
+    Also applies ``tcpNoDelay`` (TCP_NODELAY, on by default), which
+    Autobahn's Twisted ``connectionMade`` tries to set from the connection
+    *before* ``_connectionMade`` has copied the option there: the
+    AttributeError is swallowed by its bare ``except``, so that otherwise
+    the socket keeps Nagle's algorithm, and a small frame written while an
+    earlier one is unacknowledged waits for the acknowledgement.
     """
     factory = proto.factory
     for name in base.CONFIG_ATTRS:
         if not hasattr(proto, name):
             setattr(proto, name, getattr(factory, name))
+    try:
+        proto.transport.setTcpNoDelay(proto.tcpNoDelay)
+    except (AttributeError, OSError):  # (not a TCP transport: a UNIX socket, a test's)
+        pass
     proto.CONFIG_ATTRS = ()
     try:
         base._connectionMade(proto)
