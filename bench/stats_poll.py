@@ -170,10 +170,18 @@ def probe(server, timeout=10.0):
     return None
 
 
+def users(server):
+    """How many users the server has (the idle ones must all be there for a phase to count)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.http + "/api/stats", timeout=60) as response:
+        return json.loads(response.read())["connectedUsers"]
+
+
 def measure(server, args, pollers=None):
     """One phase: the pairs at a fixed rate (and the pollers, if given, started first)."""
+    phase = {"users_before": users(server)}
     probe(server)  # (counting from here)
-    phase = {}
     proc = churn = None
     span = args.seconds + args.warmup + 2.0  # the pairs' generator connects and pairs first
     if args.churn:
@@ -197,13 +205,16 @@ def measure(server, args, pollers=None):
     turns = probe(server)
     if turns is not None:
         phase["reactor_turns"] = turns
+    phase["users_after"] = users(server)
+    if min(phase["users_before"], phase["users_after"]) < args.users:
+        raise SystemExit(f"idle users lost: {phase['users_before']} -> {phase['users_after']} of {args.users}")
     return phase
 
 
 def hold_idle(server, n):
     """Open n idle users from a load generator; return it (kill it to close them)."""
     gen = subprocess.Popen(pinned(1, [sys.executable, os.path.join(HERE, "loadgen.py"), "idle", server.ws,
-                                      "-n", str(n), "--hold", "900"]), stdout=subprocess.PIPE, text=True)
+                                      "-n", str(n), "--hold", "3600"]), stdout=subprocess.PIPE, text=True)
     opened = json.loads(gen.stdout.readline())["open"]
     if opened != n:
         raise SystemExit(f"only {opened} of {n} idle users opened")

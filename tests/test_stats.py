@@ -386,10 +386,10 @@ def test_unchanged_users_are_not_encoded_again():
     registry.ping(ids[0], ids[1])
     clock.advance(INTERVAL)
     second = build(cache, clock)
-    before, after = dict(first.entries), dict(second.entries)
-    assert before[ids[2]] is after[ids[2]]  # the same bytes object
-    assert before[ids[0]] != after[ids[0]] and json.loads(after[ids[0]])["state"] == "connecting"
-    assert before[ids[1]] is after[ids[1]]  # (pinged, still idle)
+    before, after = first.fragment, second.fragment
+    assert before(ids[2]) is after(ids[2])  # the same bytes object
+    assert before(ids[0]) != after(ids[0]) and json.loads(after(ids[0]))["state"] == "connecting"
+    assert before(ids[1]) is after(ids[1])  # (pinged, still idle)
 
 
 def test_etag_is_the_contents():
@@ -426,7 +426,7 @@ def test_a_request_after_a_change_sees_the_change():
     d = cache.document()
     assert not d.called  # (the last capture began less than an interval ago)
     clock.advance(INTERVAL)
-    assert "newcomer" in dict(result_of(d, clock).entries)
+    assert "newcomer" in result_of(d, clock).ids
 
 
 def test_gzip_form_round_trips_and_is_compressed_in_slices():
@@ -519,7 +519,7 @@ def test_hide_ip_in_every_form():
     assert all(u["ip"] is None for u in json.loads(result_of(snapshot.page(cache.slicer, "", 5)).data())["users"])
 
 
-def test_cluster_nodes_in_entries():
+def test_cluster_nodes_in_the_document():
     """A peer with a node (a cluster's registry) has the node key, last."""
     from signaling.registry import Peer
 
