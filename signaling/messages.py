@@ -48,7 +48,9 @@ def _finite(text):
     return value
 
 
-_decoder = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
+#: the standard library's JSON parser, refusing NaN/Infinity and numbers too large for a float
+#: (for frames orjson is not given; the other wire formats parse with it too)
+STRICT_JSON = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
 _dumps_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
 # orjson reads integers beyond 64 bits as floats; frames with 20+ digit runs
@@ -86,7 +88,7 @@ def parse(payload: bytes) -> Message:
         # decides (it also takes integers beyond 64 bits and escaped lone
         # surrogates, and words its errors better)
         try:
-            obj = _decoder.decode(payload.decode("utf-8"))
+            obj = STRICT_JSON.decode(payload.decode("utf-8"))
         except (ValueError, RecursionError) as e:
             raise _with_ref(InvalidJSON(f"frame is not valid JSON: {_short(e)}"), None) from None
     if not isinstance(obj, dict):

@@ -24,12 +24,12 @@ timeout, dropped with one EXPIRE to each sender (LEAVE is never held).
 
 import hashlib
 import json
-import math
 import re
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
 
 from signaling.errors import InvalidJSON, InvalidMessage, SignalingError, UnknownType
+from signaling.messages import STRICT_JSON
 
 # -- ids and tokens -------------------------------------------------------------------
 
@@ -80,18 +80,6 @@ class Message(NamedTuple):
     payload: Any
 
 
-def _no_constants(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite(text):
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text[:20]} is too large")
-    return value
-
-
-_decoder = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 #: what the server answers for input it cannot use (the ERROR's ``msg``)
@@ -112,7 +100,7 @@ def parse(payload: bytes) -> Message:
         metrics; ``ref`` the offending type, if one could be read).
     """
     try:
-        obj = _decoder.decode(payload.decode("utf-8"))
+        obj = STRICT_JSON.decode(payload.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise _ref(InvalidJSON(f"not valid JSON: {str(e)[:80]}"), None) from None
     if not isinstance(obj, dict):

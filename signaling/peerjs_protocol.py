@@ -42,7 +42,7 @@ from signaling.admission import Refused, authorize, request_token
 from signaling.errors import QUEUE_FULL, PeerIdTaken, SignalingError
 from signaling.frameguard import CLOSE_POLICY_VIOLATION
 from signaling.limits import TokenBucket
-from signaling.protocol import CLOSE_GOING_AWAY, SignalingServerProtocol
+from signaling.protocol import SignalingServerProtocol
 from signaling.registry import IClusterRegistry
 from signaling.results import is_deferred, then
 from signaling.sessions import LocalSessions
@@ -421,26 +421,12 @@ class PeerJSProtocol(SignalingServerProtocol):
         self.send(frame)
         self.close(CLOSE_POLICY_VIOLATION, reason)
 
-    def _join(self):
-        try:
-            return super()._join()
-        except PeerIdTaken:  # (a registry that answers at once: taken since the handshake)
-            return self._join_failed(Failure())
+    def _greeting(self, peer_id: str, resumed: bool) -> bytes:
+        return peerjs.OPEN
 
-    def _welcome(self, _, resumed: bool = False):
-        factory = self.factory
-        factory.unreserve(self)
-        if factory.shutting_down:
-            self.close(CLOSE_GOING_AWAY, "server shutting down")
-            return
-        peer_id = self.peer_id
-        if peer_id is None:
-            return  # it closed meanwhile
-        self._welcomed = True
-        self.send(peerjs.OPEN)
-        factory.metrics.connects += 1
+    def _admitted(self, peer_id: str) -> None:
         self._claimed = peer_id
-        factory.peerjs.joined(peer_id, self._digest, self)
+        self.factory.peerjs.joined(peer_id, self._digest, self)  # (what waits for it follows the OPEN)
 
     def _join_failed(self, failure):
         if failure.check(PeerIdTaken):

@@ -93,7 +93,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     (:attr:`wire`), keeps its ids apart (:attr:`id_prefix`: every id it
     registers starts with it; native ids never contain ``/``), and overrides
     the wire-facing hooks: :meth:`_identity` (the id and resume token a
-    handshake asks for), :meth:`_welcome`, :meth:`_join_failed`,
+    handshake asks for), :meth:`_greeting`, :meth:`_admitted`, :meth:`_join_failed`,
     :meth:`_handle` and :meth:`_error_frame`.  Admission, limits, the outbound cap, delivery (here or
     through the cluster), metrics and logs are the same for every format.
     """
@@ -535,19 +535,30 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         return None
 
     def _welcome(self, _, resumed: bool = False):
-        self.factory.unreserve(self)
-        if self.factory.shutting_down:
+        factory = self.factory
+        factory.unreserve(self)
+        if factory.shutting_down:
             self.close(CLOSE_GOING_AWAY, "server shutting down")
             return
         peer_id = self.peer_id
         if peer_id is None:
             return  # it closed meanwhile
         self._welcomed = True
-        factory = self.factory
-        self.send(messages.encode(messages.welcome(
-            peer_id, factory.ice_servers.for_user(peer_id), factory.resume_token(peer_id), resumed
-        )))
+        greeting = self._greeting(peer_id, resumed)
+        if greeting is not None:
+            self.send(greeting)
         factory.metrics.connects += 1
+        self._admitted(peer_id)
+
+    def _admitted(self, peer_id: str) -> None:
+        """After the greeting: what another wire format does once a peer is in (the native one: nothing)."""
+
+    def _greeting(self, peer_id: str, resumed: bool) -> Optional[bytes]:
+        """The frame that tells a newly admitted peer it is in (None: its wire format sends none)."""
+        factory = self.factory
+        return messages.encode(messages.welcome(
+            peer_id, factory.ice_servers.for_user(peer_id), factory.resume_token(peer_id), resumed
+        ))
 
     def _process(self, message: messages.Message, size: int):
         factory = self.factory

@@ -66,7 +66,7 @@ def _load(payload: bytes):
             return messages.orjson.loads(payload)
         except ValueError:
             pass  # the standard library decides, as for native frames
-    return messages._decoder.decode(payload.decode("utf-8"))
+    return messages.STRICT_JSON.decode(payload.decode("utf-8"))
 
 
 def parse(payload: bytes) -> dict:
@@ -230,16 +230,8 @@ class YjsProtocol(SignalingServerProtocol):
         self._fixed_id = self.id_prefix + self.factory.new_id()
         super().onOpen()
 
-    def _welcome(self, _, resumed: bool = False):
-        factory = self.factory
-        factory.unreserve(self)
-        if factory.shutting_down:
-            self.close(1001, "server shutting down")
-            return
-        if self.peer_id is None:
-            return  # it closed meanwhile
-        self._welcomed = True  # (y-webrtc expects nothing on open)
-        factory.metrics.connects += 1
+    def _greeting(self, peer_id: str, resumed: bool):
+        return None  # (y-webrtc expects nothing on open)
 
     def _handle(self, payload, isBinary):
         # (bin/server.js reads binary frames as JSON too)

@@ -503,10 +503,8 @@ def _echo_protocol():
         def _identity(self, request, claims):
             return self.id_prefix + request.params["id"][0], None
 
-        def _welcome(self, _, resumed=False):
-            self.factory.unreserve(self)
-            self._welcomed = True
-            self.send(json.dumps({"type": "hello", "id": self.peer_id}).encode())
+        def _greeting(self, peer_id, resumed):
+            return json.dumps({"type": "hello", "id": peer_id}).encode()
 
         def _handle(self, payload, isBinary):
             self.factory.deliver(self.id_prefix + json.loads(payload)["to"], payload)
