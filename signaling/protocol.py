@@ -595,8 +595,9 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             if operation_name != "disconnect":
                 link = self._link_state(message.to)
         operation = getattr(factory.registry, operation_name)
+        sender = self.peer_id  # (the relay names it even if its socket closes before the registry answers)
         try:
-            result = operation(self.peer_id, message.to)
+            result = operation(sender, message.to)
         except SignalingError as e:
             self._error(e.code, e.message, message.type)
             return None
@@ -604,10 +605,10 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             return result.addCallbacks(
                 self._relay,
                 self._refused,
-                callbackArgs=(message, size, started, link),
+                callbackArgs=(message, sender, size, started, link),
                 errbackArgs=(message,),
             )
-        return self._relay(result, message, size, started, link)
+        return self._relay(result, message, sender, size, started, link)
 
     # -- links: the pairs of this node that need no Redis to relay (cluster mode) --
 
@@ -660,8 +661,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             e = failure.value
             self._error(e.code, e.message, message.type)
 
-    def _relay(self, transitions, message: messages.Message, size: int, started: float, link=None):
-        sender = self.peer_id
+    def _relay(self, transitions, message: messages.Message, sender: Optional[str], size: int, started: float,
+               link=None):
         if transitions:
             self.factory.note_transitions(transitions)
         if link is not None and message.type != "ping":

@@ -364,3 +364,26 @@ def test_a_check_answered_after_a_disconnect_was_sent_does_not_link():
     cluster.settle()
     assert [m["data"]["seq"] for m in b.received if m["type"] == "offer"] == [0]  # (1 was refused)
     cluster.check({})
+
+
+def test_a_relay_checked_after_its_sender_closed_still_names_the_sender():
+    """
+    (Found by the model.)  An offer whose check is still with Redis when its
+    sender's socket closes is relayed, once the check passes, from that
+    sender, not from nobody; then the partner is told it left.
+    """
+    cluster = Cluster(peers_per_node=2)
+    a, b = cluster.clients[0], cluster.clients[1]
+    for kind, by, to in (("ping", 0, 1), ("pong", 1, 0)):
+        cluster.act((kind, by, (to - by - 1) % 4))
+        cluster.settle()
+    cluster.factories[0].factory.forget_links()
+    sender, to = a.server.peer_id, b.server.peer_id
+    cluster.sent[0] = (sender, to, cluster.world.step)
+    b.take()
+    a.send_json({"type": "offer", "to": to, "data": {"seq": 0}})
+    cluster.flush()
+    a.sendClose(1000)
+    cluster.settle()
+    assert [(m["type"], m["from"]) for m in b.received] == [("offer", sender), ("disconnect", sender)]
+    cluster.check({})
