@@ -334,15 +334,22 @@ def test_nothing_an_attacker_sends_reaches_the_log_raw(json_logs):
             reply = await recv(a)
             assert reply["code"] == "unknown-type" and not CONTROL.search(reply["ref"])
             assert len(reply["ref"]) < 200
-            for origin, status in ((in_header, 400), (in_header.replace("[", ""), 403)):  # ([: not a URL)
+            # ("[": not a URL, 400.  ASCII control characters in a header:
+            # refused by Autobahn 26.11 and later itself, 400, and passed on
+            # by earlier releases, 403 for the origin; the others reach us
+            # with every release, and are refused for the origin, 403)
+            url_like = in_header.replace("[", "")
+            no_ascii_controls = re.sub(r"[\x00-\x1f\x7f]", "", url_like)
+            assert CONTROL.search(no_ascii_controls)  # (still BiDi controls and NEL)
+            for origin, statuses in ((in_header, {400}), (url_like, {400, 403}), (no_ascii_controls, {403})):
                 head = (
                     "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                    f"Origin: https://{origin}.example\r\nX-Forwarded-For: fe80::1%{in_header}\r\n"
-                    f"Sec-WebSocket-Extensions: {in_header}\r\n\r\n"
+                    f"Origin: https://{origin}.example\r\nX-Forwarded-For: fe80::1%{origin}\r\n"
+                    f"Sec-WebSocket-Extensions: {origin}\r\n\r\n"
                 ).encode("utf-8")
                 refused = await exchange(server.ports["ws"], head)
-                assert refused.status == status, bytes(refused.data)
+                assert refused.status in statuses, bytes(refused.data)
                 status_line = bytes(refused.data).split(b"\r\n", 1)[0].decode("utf-8", "replace")
                 assert not CONTROL.search(status_line) and len(status_line) < 200
             access = await exchange(server.ports["http"], (

@@ -204,7 +204,7 @@ def test_missing_origin_is_let_through_with_an_allow_list():
     h.connect(origin="https://app.example")
 
 
-@pytest.mark.parametrize("header", ["fe80::1%\x1b[31mevil", "::ffff:198.51.100.7"])
+@pytest.mark.parametrize("header", ["fe80::1%eth0", "fe80::1%evil-zone", "::ffff:198.51.100.7"])
 def test_forwarded_address_is_normalized_before_counting(header):
     """Behind a trusted proxy, the forwarded address is normalized: the same client cannot count apart twice."""
     import ipaddress
@@ -216,6 +216,31 @@ def test_forwarded_address_is_normalized_before_counting(header):
     ip = h.registry.get(a.peer_id).ip
     assert ip in ("fe80::1", "198.51.100.7")
     assert refusal(h, headers={"X-Forwarded-For": ip}) == 429
+
+
+def test_forwarded_address_with_a_control_character_is_never_counted_or_logged_raw():
+    """
+    A forwarded address with a terminal escape in it is either refused by
+    the HTTP layer (Autobahn 26.11 and later refuse control characters in
+    header values: 400) or normalized to the address before the zone; never
+    counted or logged as sent.
+    """
+    import ipaddress
+
+    from test_hardening import refusal
+
+    header = "fe80::1%\x1b[31mevil"
+    h = Harness(trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),), max_connections_per_ip=1)
+    with capturedLogs() as events:
+        a = h.connect(handshake=False, headers={"X-Forwarded-For": header})
+    assert not any("\x1b" in formatEvent(e) for e in events)
+    if a.received:  # admitted: normalized
+        assert a.received[0]["type"] == "welcome"
+        assert {p.ip for p in h.factory.connections.values()} == {"fe80::1"}
+        assert refusal(h, headers={"X-Forwarded-For": "fe80::1"}) == 429
+    else:  # refused by the HTTP layer: nothing counted
+        assert int(a.http_status_line.split()[1]) == 400
+        assert h.factory.admitted == 0 and h.factory.per_ip == {}
 
 
 def test_trickled_handshake_is_closed_at_the_deadline():
