@@ -80,6 +80,8 @@ _OPERATIONS = {
     "ice-candidate": "check_paired",
     "disconnect": "disconnect",
 }
+#: the message types relayed between partners only (what a link lets through)
+_CHECKED = frozenset(t for t, operation in _OPERATIONS.items() if operation == "check_paired")
 
 
 class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  # type: ignore[misc]  # (Autobahn's)
@@ -123,8 +125,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     _read_at = 0.0  # perf_counter() at its last read
     _reserving = False  # holds the reservation of its fixed id (until it has joined or closed)
     _errors = None  # LogBudget of this peer's error lines, made at its first error
-    # (cluster mode) the connection of this peer's partner while both are on
-    # this node and known paired: their relays need no Redis (see _link)
+    # the connection of this peer's partner while both are on this process
+    # and known paired: their relays need no registry, nor Redis (see _link)
     _partner: Optional["SignalingServerProtocol"] = None
     _unlinks = 0  # how many times a link of this connection was dropped (see _link)
 
@@ -270,6 +272,24 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             message = messages.parse(payload)
         except SignalingError as e:
             self._error(e.code, e.message, e.ref)
+            return
+        partner = self._partner
+        if (
+            partner is not None and not self._busy and message.type in _CHECKED
+            and partner.peer_id == message.to and partner.state == _compat.STATE_OPEN
+        ):
+            # the commonest message: an offer, answer or candidate to the
+            # partner it is linked with, with nothing of this peer's still
+            # pending: relayed now, as _process would (see _link)
+            sender = self.peer_id
+            delivered = partner.send(messages.encode(messages.relay(message.type, sender, message.data)))
+            metrics = self.factory.metrics
+            if delivered is not True or self.factory.settings.log_relays or metrics.until_sample <= 1:
+                self._relayed(delivered, message, sender, len(payload), self._read_at)
+                return
+            metrics.relays[message.type] += 1
+            metrics.relayed_bytes += len(payload)
+            metrics.until_sample -= 1
             return
         self._enqueue(self._process, message, len(payload))
 
@@ -459,17 +479,21 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
                 self._log.failure("operation failed for peer {peer}", peer=self.peer_id)
                 result = None
             if is_deferred(result):
-                result.addErrback(
-                    lambda f: self._log.failure(
-                        "operation failed for peer {peer}", f, peer=self.peer_id
-                    )
-                )
-                result.addCallback(lambda _: self._next())
+                self._waited(result)
                 return
             if not self._queue:
                 self._busy = False
                 return
             operation, args = self._queue.popleft()
+
+    def _waited(self, result: Deferred) -> None:
+        """The operation running (``_busy``) answered ``result``: the next one runs when it fires."""
+        result.addErrback(
+            lambda f: self._log.failure(
+                "operation failed for peer {peer}", f, peer=self.peer_id
+            )
+        )
+        result.addCallback(lambda _: self._next())
 
     def _next(self) -> None:
         if self._queue:
@@ -569,31 +593,30 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         operation_name = _OPERATIONS[message.type]
         started = self._read_at
         link = None
-        if factory.cluster is not None:
-            if operation_name == "check_paired":
-                partner = self._partner
-                if partner is not None and partner.peer_id == message.to and partner.state == _compat.STATE_OPEN:
-                    # both on this node and paired, which only this node can
-                    # undo: no Redis (docs/cluster.rst, "Relays")
-                    sender = self.peer_id
-                    payload = messages.encode(messages.relay(message.type, sender, message.data))
-                    return self._relayed(partner.send(payload), message, sender, size, started)
-                if message.to not in factory.connections:
-                    # a peer elsewhere: the check and the publish in one
-                    # script, in one round trip (waited for: what follows
-                    # from this peer must not overtake it; see docs/cluster.rst)
-                    sender = self.peer_id
-                    payload = messages.encode(messages.relay(message.type, sender, message.data))
-                    return factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
-                        self._relayed,
-                        self._refused,
-                        callbackArgs=(message, sender, size, started),
-                        errbackArgs=(message,),
-                    )
-            elif operation_name == "disconnect":
-                self._unlink()  # before Redis ends the pairing: from now on relays are checked there
-            if operation_name != "disconnect":
-                link = self._link_state(message.to)
+        if operation_name == "check_paired":
+            partner = self._partner
+            if partner is not None and partner.peer_id == message.to and partner.state == _compat.STATE_OPEN:
+                # both here and known paired, which only their own
+                # connections can undo: no registry, no Redis (see _link)
+                sender = self.peer_id
+                payload = messages.encode(messages.relay(message.type, sender, message.data))
+                return self._relayed(partner.send(payload), message, sender, size, started)
+            if factory.cluster is not None and message.to not in factory.connections:
+                # a peer elsewhere: the check and the publish in one
+                # script, in one round trip (waited for: what follows
+                # from this peer must not overtake it; see docs/cluster.rst)
+                sender = self.peer_id
+                payload = messages.encode(messages.relay(message.type, sender, message.data))
+                return factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
+                    self._relayed,
+                    self._refused,
+                    callbackArgs=(message, sender, size, started),
+                    errbackArgs=(message,),
+                )
+        elif operation_name == "disconnect":
+            self._unlink()  # before the registry ends the pairing: from now on relays are checked there
+        if operation_name != "disconnect":
+            link = self._link_state(message.to)
         operation = getattr(factory.registry, operation_name)
         sender = self.peer_id  # (the relay names it even if its socket closes before the registry answers)
         try:
@@ -610,7 +633,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             )
         return self._relay(result, message, sender, size, started, link)
 
-    # -- links: the pairs of this node that need no Redis to relay (cluster mode) --
+    # -- links: the pairs of this process known paired, which relay without the registry --
 
     def _link_state(self, to: str):
         """What :meth:`_link` needs to link this connection with ``to``'s, if ``to`` is here."""
@@ -621,14 +644,18 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
 
     def _link(self, state) -> None:
         """
-        After Redis answered that this peer and the one of ``state`` are
-        paired: relay between their connections directly from now on,
-        unless either link was dropped since the question was asked (then
-        Redis may already have ended the pairing: the next relay asks again).
-        A pairing of two peers of this node can only end by what their own
+        After the registry answered that this peer and the one of ``state``
+        are paired: relay between their connections directly from now on
+        (no registry check; in a cluster, no Redis), unless either link was
+        dropped since the question was asked (then the registry may already
+        have ended the pairing: the next relay asks again).  A pairing of
+        two peers of this process can only end by what their own
         connections do here (disconnect, close), each of which drops the
-        link first (:meth:`_unlink`), or by this node losing Redis or its
-        registration (the registry then calls ``forget_links``).
+        link first (:meth:`_unlink`), by a transition a registry operation
+        reports (:meth:`SignalingFactory.note_transitions` drops the links
+        of peers no longer connected), or, in a cluster, by this node
+        losing Redis or its registration (the registry then calls
+        ``forget_links``).
         """
         partner, mine, theirs = state
         if (
@@ -643,7 +670,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         partner._partner = self
 
     def _unlink(self) -> None:
-        """Relay between this connection and its partner's through Redis again (both ends)."""
+        """Relay between this connection and its partner's through the registry again (both ends)."""
         self._unlinks += 1
         partner = self._partner
         if partner is not None:
