@@ -53,6 +53,7 @@ class FastPath:
         self.factory.writes.open()
         pos, end = 0, len(data)
         limit = self.maxMessagePayloadSize
+        bucket = self._bucket
         while end - pos >= 6 and data[pos] == 0x81 and self._budget > 0:
             b1 = data[pos + 1]
             if not b1 & 0x80:
@@ -71,7 +72,7 @@ class FastPath:
                 break  # 64-bit lengths
             if (limit and length > limit) or start + length > end:
                 break
-            if self._bucket.take():
+            if bucket.take():
                 if self._strikes:
                     self._strikes -= 1
             else:  # over the rate limit: dropped unread (not even unmasked)
@@ -89,10 +90,12 @@ class FastPath:
                 break  # Autobahn fails the connection with 1007
             pos = start + length
             self._budget -= 1
-            _compat.traffic_seen(self)
             self._handle(payload, False)
             if self.state != _compat.STATE_OPEN:
                 break
         if self._discard:
             return b""
-        return data[pos:] if pos else data
+        if not pos:
+            return data
+        _compat.traffic_seen(self)  # (once a read: what Autobahn does for every frame it reads)
+        return data[pos:]

@@ -71,6 +71,27 @@ def _with_ref(error: SignalingError, ref: Optional[str]) -> SignalingError:
     return error
 
 
+def loads(payload: bytes) -> Any:
+    """
+    The JSON value of a text frame (UTF-8 bytes): orjson's parse, or the
+    standard library's (:data:`STRICT_JSON`) for what orjson would change or
+    refuses: integers beyond 64 bits (orjson makes them floats), escaped
+    lone surrogates.  NaN, Infinity and numbers too large for a float are
+    refused by both.  Every wire format parses with it.
+
+    :raises ValueError: (or RecursionError) if the text is not valid JSON.
+    """
+    try:
+        if _TWENTY_DIGITS in payload.translate(_DIGITS_AS_ZEROS):
+            raise ValueError("maybe an integer beyond 64 bits")
+        return orjson.loads(payload)
+    except (AttributeError, ValueError):
+        # orjson is missing, or refused the text: the standard library
+        # decides (it also takes integers beyond 64 bits and escaped lone
+        # surrogates, and words its errors better)
+        return STRICT_JSON.decode(payload.decode("utf-8"))
+
+
 def parse(payload: bytes) -> Message:
     """
     Parse one text frame (UTF-8 bytes, already validated as UTF-8 by the
@@ -80,17 +101,9 @@ def parse(payload: bytes) -> Message:
         not a valid client message.
     """
     try:
-        if _has_long_digit_run(payload):
-            raise ValueError("maybe an integer beyond 64 bits")
-        obj = orjson.loads(payload)
-    except (AttributeError, ValueError):
-        # orjson is missing, or refused the text: the standard library
-        # decides (it also takes integers beyond 64 bits and escaped lone
-        # surrogates, and words its errors better)
-        try:
-            obj = STRICT_JSON.decode(payload.decode("utf-8"))
-        except (ValueError, RecursionError) as e:
-            raise _with_ref(InvalidJSON(f"frame is not valid JSON: {_short(e)}"), None) from None
+        obj = loads(payload)
+    except (ValueError, RecursionError) as e:
+        raise _with_ref(InvalidJSON(f"frame is not valid JSON: {_short(e)}"), None) from None
     if not isinstance(obj, dict):
         raise _with_ref(
             InvalidMessage(

@@ -23,13 +23,12 @@ timeout, dropped with one EXPIRE to each sender (LEAVE is never held).
 """
 
 import hashlib
-import json
 import re
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
 
 from signaling.errors import InvalidJSON, InvalidMessage, SignalingError, UnknownType
-from signaling.messages import STRICT_JSON
+from signaling.messages import encode, loads
 
 # -- ids and tokens -------------------------------------------------------------------
 
@@ -80,7 +79,7 @@ class Message(NamedTuple):
     payload: Any
 
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_message = tuple.__new__  # Message(...) without its Python-level __new__ (the hot path)
 
 #: what the server answers for input it cannot use (the ERROR's ``msg``)
 BINARY_FRAME = "binary frames are not accepted; PeerJS messages are JSON text"
@@ -100,7 +99,7 @@ def parse(payload: bytes) -> Message:
         metrics; ``ref`` the offending type, if one could be read).
     """
     try:
-        obj = STRICT_JSON.decode(payload.decode("utf-8"))
+        obj = loads(payload)
     except (ValueError, RecursionError) as e:
         raise _ref(InvalidJSON(f"not valid JSON: {str(e)[:80]}"), None) from None
     if not isinstance(obj, dict):
@@ -117,7 +116,7 @@ def parse(payload: bytes) -> Message:
         return Message(kind, None, None)  # (a client leaving the server: its socket's close says so)
     if not isinstance(dst, str) or not dst:
         raise _ref(InvalidMessage(NO_DST), kind)
-    return Message(kind, dst, obj.get("payload"))
+    return _message(Message, (kind, dst, obj.get("payload")))
 
 
 def _ref(error: SignalingError, ref: Optional[str]) -> SignalingError:
@@ -127,29 +126,28 @@ def _ref(error: SignalingError, ref: Optional[str]) -> SignalingError:
 
 # -- server messages ---------------------------------------------------------------------
 
-OPEN = _encode({"type": "OPEN"}).encode("utf-8")
-ID_TAKEN = _encode({"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}}).encode("utf-8")
-INVALID_KEY = _encode({"type": "INVALID-KEY", "payload": {"msg": "Invalid key provided"}}).encode("utf-8")
+OPEN = encode({"type": "OPEN"})
+ID_TAKEN = encode({"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}})
+INVALID_KEY = encode({"type": "INVALID-KEY", "payload": {"msg": "Invalid key provided"}})
 #: PeerJS server's words for a handshake without its parameters
 NO_PARAMETERS = "No id, token, or key supplied to websocket server"
 
 
 def error(text: str) -> bytes:
     """An ERROR (the client reports it as a server error and disconnects)."""
-    return _encode({"type": "ERROR", "payload": {"msg": text}}).encode("utf-8")
+    return encode({"type": "ERROR", "payload": {"msg": text}})
 
 
 def relay(kind: str, src: str, dst: str, payload: Any) -> bytes:
     """What ``dst`` receives: the message with its sender's id stamped as ``src``."""
-    message = {"type": kind, "src": src, "dst": dst}
-    if payload is not None:
-        message["payload"] = payload
-    return _encode(message).encode("utf-8")
+    if payload is None:
+        return encode({"type": kind, "src": src, "dst": dst})
+    return encode({"type": kind, "src": src, "dst": dst, "payload": payload})
 
 
 def expire(src: str, dst: str) -> bytes:
     """What a sender (``dst``) receives when ``src`` did not connect in time for its messages."""
-    return _encode({"type": "EXPIRE", "src": src, "dst": dst}).encode("utf-8")
+    return encode({"type": "EXPIRE", "src": src, "dst": dst})
 
 
 # -- messages for ids that are not connected (yet) ----------------------------------------------

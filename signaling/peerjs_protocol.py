@@ -214,10 +214,13 @@ class PeerJSRealm:
             return None
         if to in self.pending:  # earlier messages wait for it: this one waits behind them
             return self._hold(sender, to, message.type, frame, size)
-        return then(
-            self.factory.deliver(to, frame),
-            lambda delivered: self._sent(delivered, sender, to, message.type, frame, size),
-        )
+        delivered = self.factory.deliver(to, frame)
+        if delivered is True:  # (the commonest case, first)
+            self._relayed(message.type, sender, to, size)
+            return None
+        if is_deferred(delivered):
+            return delivered.addCallback(self._sent, sender, to, message.type, frame, size)
+        return self._sent(delivered, sender, to, message.type, frame, size)
 
     def _sent(self, delivered, sender: str, to: str, kind: str, frame: bytes, size: int) -> None:
         if delivered is True:
@@ -498,7 +501,17 @@ class PeerJSProtocol(SignalingServerProtocol):
             return
         if message.dst is None:
             return  # HEARTBEAT (its frame kept the connection alive), or a LEAVE for nobody
-        self._enqueue(self._send_on, message, len(payload))
+        if self._busy:  # (what this peer sent before is still on its way: this waits behind it)
+            self._enqueue(self._send_on, message, len(payload))
+            return
+        try:
+            result = self.factory.peerjs.relay(self.peer_id, message, len(payload))
+        except Exception:  # (as the operation queue does: logged, and this connection goes on)
+            self._log.failure("operation failed for peer {peer}", peer=self.peer_id)
+            return
+        if result is not None:  # (delivered later: through the cluster; what follows waits for it)
+            self._busy = True
+            self._waited(result)
 
     def _send_on(self, message: peerjs.Message, size: int):
         sender = self.peer_id

@@ -59,16 +59,6 @@ class InvalidFrame(Exception):
         self.ref = ref
 
 
-def _load(payload: bytes):
-    """JSON as :func:`signaling.messages.parse` reads it (orjson, else the standard library)."""
-    if messages.orjson is not None and not messages._has_long_digit_run(payload):
-        try:
-            return messages.orjson.loads(payload)
-        except ValueError:
-            pass  # the standard library decides, as for native frames
-    return messages.STRICT_JSON.decode(payload.decode("utf-8"))
-
-
 def parse(payload: bytes) -> dict:
     """
     One frame as a y-webrtc message (a JSON object with a string ``type``),
@@ -76,7 +66,7 @@ def parse(payload: bytes) -> dict:
     (absent: none), ``topic`` of a publish a valid topic name.
     """
     try:
-        message = _load(payload)
+        message = messages.loads(payload)
     except (ValueError, RecursionError) as e:
         raise InvalidFrame("invalid-json", f"frame is not valid JSON: {messages._short(e)}") from None
     if type(message) is not dict:
