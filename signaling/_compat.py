@@ -14,6 +14,8 @@ its frame parser), ``onFrameBegin`` (each frame header), ``failHandshake``
 (every refused handshake), ``sendData`` (every write).
 """
 
+from types import FunctionType
+
 from autobahn.websocket.protocol import WebSocketProtocol
 
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
@@ -41,9 +43,10 @@ def connection_made_quietly(proto, base) -> None:
     earlier one is unacknowledged waits for the acknowledgement.
     """
     factory = proto.factory
-    for name in base.CONFIG_ATTRS:
-        if not hasattr(proto, name):
-            setattr(proto, name, getattr(factory, name))
+    if getattr(type(proto), "_options_of", None) is not factory:  # (see with_options)
+        for name in base.CONFIG_ATTRS:
+            if not hasattr(proto, name):
+                setattr(proto, name, getattr(factory, name))
     try:
         proto.transport.setTcpNoDelay(proto.tcpNoDelay)
     except (AttributeError, OSError):  # (not a TCP transport: a UNIX socket, a test's)
@@ -53,6 +56,26 @@ def connection_made_quietly(proto, base) -> None:
         base._connectionMade(proto)
     finally:
         del proto.CONFIG_ATTRS
+
+
+def with_options(cls, factory, base):
+    """
+    A subclass of ``cls`` with ``factory``'s protocol options (the
+    ``CONFIG_ATTRS`` that ``base._connectionMade`` copies to every new
+    connection) as class attributes: a connection of it needs none of its
+    own (Autobahn finds them all there; :func:`connection_made_quietly`
+    copies nothing).  Make it anew whenever the factory's options change.
+    Relies on ``CONFIG_ATTRS``, as connection_made_quietly does.
+    """
+    attrs = {}
+    for name in base.CONFIG_ATTRS:
+        value = getattr(factory, name)
+        # (a function as a class attribute would be bound to each connection:
+        # perMessageCompressionAccept is called with the offers alone)
+        attrs[name] = staticmethod(value) if isinstance(value, FunctionType) else value
+    attrs.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __doc__=cls.__doc__,
+                 _options_of=factory)
+    return type(cls.__name__, (cls,), attrs)
 
 
 class ClockTimer:
@@ -243,3 +266,46 @@ def untie_request(request) -> None:
     if requests is not None and request in requests:
         requests.remove(request)
     request.notifications = []
+
+
+# -- Twisted's logging ----------------------------------------------------------------------
+
+
+def log_observers(publisher) -> list:
+    """
+    What ``publisher`` (the global one) sends events to directly: the
+    observers ``twistd`` and ``twist`` began logging to
+    (``LogPublisher._observers``).  Relies on that list; if it goes, log
+    lines are written and formatted as Twisted does, nothing else changes.
+    """
+    return list(getattr(publisher, "_observers", ()))
+
+
+def observer_file(observer):
+    """The file a ``FileLogObserver`` writes to (``_outFile``), or None."""
+    return getattr(observer, "_outFile", None)
+
+
+def set_observer_file(observer, out) -> None:
+    observer._outFile = out
+
+
+def default_text_format(observer) -> bool:
+    """
+    Whether a ``FileLogObserver`` formats as ``textFileLogObserver(f)``
+    makes it (twistd's and twist's text log): ``formatEventAsClassicLogText``
+    with RFC 3339 timestamps.  Relies on that function's inner ``formatEvent``
+    (its name, and ``timeFormat`` the one variable it closes over).
+    """
+    from twisted.logger import _file
+    from twisted.logger._format import timeFormatRFC3339
+
+    fn = getattr(observer, "formatEvent", None)
+    code = getattr(fn, "__code__", None)
+    return (
+        code is not None
+        and getattr(fn, "__module__", None) == _file.__name__
+        and fn.__qualname__ == "textFileLogObserver.<locals>.formatEvent"
+        and code.co_freevars == ("timeFormat",)
+        and fn.__closure__[0].cell_contents == timeFormatRFC3339
+    )

@@ -174,6 +174,16 @@ def relay(kind: str, sender: Optional[str], data: Any) -> dict:
     return {"type": kind, "from": sender, "data": data}
 
 
+def relay_frame(kind: str, sender: Optional[str], data: Any) -> bytes:
+    """``encode(relay(kind, sender, data))``, in one call (every relayed message is one)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps({"type": kind, "from": sender, "data": data})
+        except TypeError:
+            pass  # (encode decides, as for every frame orjson cannot write)
+    return encode({"type": kind, "from": sender, "data": data})
+
+
 def error(code: str, message: str, ref: Optional[str] = None) -> dict:
     return {"type": "error", "code": code, "message": message, "ref": ref}
 

@@ -212,11 +212,18 @@ class PeerJSRealm:
         if len(dst) > peerjs.MAX_ID:  # no client can ever connect with such an id
             self._expire_now(sender, to, "not an id")
             return None
-        if to in self.pending:  # earlier messages wait for it: this one waits behind them
+        if self.pending.count and to in self.pending:  # earlier messages wait for it: this one waits behind them
             return self._hold(sender, to, message.type, frame, size)
-        delivered = self.factory.deliver(to, frame)
+        factory = self.factory
+        proto = factory.connections.get(to)
+        delivered = proto.send(frame) if proto is not None else factory.deliver(to, frame)
         if delivered is True:  # (the commonest case, first)
-            self._relayed(message.type, sender, to, size)
+            if factory.settings.log_relays:
+                self._relayed(message.type, sender, to, size)
+            else:  # (what _relayed counts, inline: every relay comes this way)
+                metrics = factory.metrics
+                metrics.relays[peerjs.NATIVE_TYPE[message.type]] += 1
+                metrics.relayed_bytes += size
             return None
         if is_deferred(delivered):
             return delivered.addCallback(self._sent, sender, to, message.type, frame, size)

@@ -4,11 +4,14 @@ stopped gracefully (stop listening, close every WebSocket with 1001, wait a
 bounded time), and a periodic summary line.
 """
 
+from typing import Callable
+
 from twisted.application.service import MultiService
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 
 from signaling import __version__
+from signaling.logs import write_lines_per_turn
 
 
 class SignalingService(MultiService):
@@ -18,6 +21,7 @@ class SignalingService(MultiService):
     """
 
     _log = Logger()
+    _flush_log: Callable[[], None] = staticmethod(lambda: None)  # (see _running)
 
     def __init__(self, factory, drain_timeout: float, reactor, backend=None):
         super().__init__()
@@ -32,10 +36,13 @@ class SignalingService(MultiService):
             self.backend.startService()
         super().startService()
         # twistd starts services before the reactor runs and installs its
-        # signal handlers; "ready" is logged once both are done.
-        self.reactor.callWhenRunning(
-            self._log.info, "signaling {version} ready", version=__version__
-        )
+        # signal handlers; "ready" is logged once both are done.  From then
+        # on the log's lines are written once a reactor turn (signaling.logs).
+        self.reactor.callWhenRunning(self._running)
+
+    def _running(self):
+        self._flush_log = write_lines_per_turn(self.reactor)
+        self._log.info("signaling {version} ready", version=__version__)
 
     def stopService(self):
         self._log.info("shutting down: no longer accepting connections")
@@ -52,6 +59,7 @@ class SignalingService(MultiService):
             closed=closed,
             users=len(self.factory.connections),
         )
+        self._flush_log()
 
 
 _summary_log = Logger(namespace="signaling.summary")

@@ -41,6 +41,22 @@ def test_connection_made_quietly_skips_the_option_dump(monkeypatch):
     assert server_dumps == [[]]  # Autobahn's log of the options it copied for the server side: empty
     for name in set(WebSocketServerProtocol.CONFIG_ATTRS) - set(_compat.HANDSHAKE_ONLY):  # (those are dropped)
         assert getattr(a.server, name) == getattr(h.factory, name), name
+    # a new connection has them all, as the factory has them (a function unbound: it is not a method)
+    fresh = h.factory.buildProtocol(None)
+    for name in WebSocketServerProtocol.CONFIG_ATTRS:
+        assert getattr(fresh, name) is getattr(h.factory, name), name
+    assert not set(vars(fresh)) & set(WebSocketServerProtocol.CONFIG_ATTRS)  # (the options are its class's)
+
+
+def test_a_compression_offer_is_declined_and_the_peer_welcomed():
+    """
+    Browsers offer permessage-deflate; Autobahn calls the option
+    perMessageCompressionAccept with the offers, which this server declines
+    (the fast frame path needs uncompressed frames).
+    """
+    h = Harness()
+    a = h.connect(headers={"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"})
+    assert a.server._perMessageCompress is None and a.websocket_extensions_in_use == []
 
 
 def test_timer_is_ours():
@@ -58,7 +74,8 @@ def test_handshake_only_attributes_exist_at_open(monkeypatch):
     real = _compat.drop_handshake_state
 
     def spy(proto):
-        seen.append(set(_compat.HANDSHAKE_ONLY) - set(vars(proto)))
+        # (the options among them are the class's: SignalingFactory.concrete)
+        seen.append(set(_compat.HANDSHAKE_ONLY) - set(vars(proto)) - set(vars(type(proto))))
         real(proto)
 
     monkeypatch.setattr(_compat, "drop_handshake_state", spy)

@@ -90,7 +90,7 @@ def test_open_on_admission_and_ids_under_their_prefix(h):
     """An admitted client gets OPEN; its id is peerjs/<id> in the registry, next to native peers."""
     native = h.connect()
     a = pj(h, "alice")
-    assert type(a.server) is PeerJSProtocol and a.server.wire == "peerjs"
+    assert isinstance(a.server, PeerJSProtocol) and a.server.wire == "peerjs"
     assert {p.id for p in h.registry.peers()} == {native.peer_id, "peerjs/alice"}
     assert h.factory.connections["peerjs/alice"] is a.server
     assert h.factory.metrics.connects == 2

@@ -524,7 +524,7 @@ def test_other_wire_formats_share_the_core_at_their_own_path(h):
     x = h.connect(handshake=False, url="ws://127.0.0.1:8080/echo?id=x")
     y = h.connect(handshake=False, url="ws://127.0.0.1:8080/echo?id=y")
     assert x.take() == [{"type": "hello", "id": "echo/x"}] and y.take() == [{"type": "hello", "id": "echo/y"}]
-    assert type(x.server) is echo and type(native.server) is not echo
+    assert isinstance(x.server, echo) and not isinstance(native.server, echo)
     assert {"echo/x", "echo/y", native.peer_id} <= {p.id for p in h.registry.peers()}
     h.send(x, {"to": "y", "n": 1})
     assert y.take() == [{"to": "y", "n": 1}]

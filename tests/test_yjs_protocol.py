@@ -68,7 +68,7 @@ def test_the_frame_is_the_senders_bytes_with_clients_added():
 def test_ping_pong_and_nothing_on_open(h):
     """A ping is answered with a pong; a connection is registered as yjs/<id>, idle, and told nothing on open."""
     a = join(h)
-    assert type(a.server) is YjsProtocol
+    assert isinstance(a.server, YjsProtocol) and a.server.wire == "yjs"
     peer_id = a.server.peer_id
     assert peer_id.startswith("yjs/") and len(peer_id) > len("yjs/")
     assert h.registry.get(peer_id).state == "idle"
