@@ -15,6 +15,7 @@ its frame parser), ``onFrameBegin`` (each frame header), ``failHandshake``
 """
 
 from types import FunctionType
+from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 
@@ -300,7 +301,7 @@ def default_text_format(observer) -> bool:
     from twisted.logger import _file
     from twisted.logger._format import timeFormatRFC3339
 
-    fn = getattr(observer, "formatEvent", None)
+    fn: Any = getattr(observer, "formatEvent", None)
     code = getattr(fn, "__code__", None)
     return (
         code is not None

@@ -39,7 +39,7 @@ def json_log_observer_factory(lines: bool):
             # (a copy: the other observers of this event must not see the key)
             write(dict(event, log_text=formatEvent(event)))
 
-        observe.file_observer = write  # type: ignore[attr-defined]  # (see write_lines_per_turn)
+        observe.file_observer = write  # (see write_lines_per_turn)
         return observe
 
     return factory
