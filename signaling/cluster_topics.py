@@ -101,7 +101,7 @@ class RedisTopics:
             self._sub.unsubscribe(self.channel_prefix + topic).addErrback(self._failed, "unsubscribing")
 
     def _listening(self) -> bool:
-        """Whether the subscriber connection is up (txredisapi's ``connected``)."""
+        """Whether the subscriber connection is up (its ``connected``)."""
         return self._sub is not None and bool(getattr(self._sub, "connected", 0))
 
     def _failed(self, failure, what: str) -> None:

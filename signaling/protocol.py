@@ -607,12 +607,13 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
                 # from this peer must not overtake it; see docs/cluster.rst)
                 sender = self.peer_id
                 payload = messages.relay_frame(message.type, sender, message.data)
-                return factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
+                factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
                     self._relayed,
                     self._refused,
                     callbackArgs=(message, sender, size, started),
                     errbackArgs=(message,),
                 )
+                return None
         elif operation_name == "disconnect":
             self._unlink()  # before the registry ends the pairing: from now on relays are checked there
         if operation_name != "disconnect":

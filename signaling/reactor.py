@@ -15,7 +15,9 @@ default reactor, unchanged.  Two differences from ``epoll``:
   with the connection's name.  This server logs with ``twisted.logger``,
   which never reads it.  An exception escaping a handler is still logged
   within the connection's context, as Twisted does.
-- Accepted TCP connections write without a round trip through epoll.
+- Connected TCP connections (accepted ones, and outgoing ones such as a
+  cluster node's connections to Redis) write without a round trip through
+  epoll.
   When Twisted's ``transport.write`` has data for the socket it asks the
   reactor to watch for the socket being writable (``addWriter``: an
   ``epoll_ctl``), writes when the next poll says so, and stops watching
@@ -29,8 +31,9 @@ default reactor, unchanged.  Two differences from ``epoll``:
   close frames go through.
 
 Everything else is Twisted's: events are handled with the same decisions
-as its ``_doReadOrWrite``; other writers (outgoing connections, pipes)
-register as always.  Every non-public name of Twisted this relies on
+as its ``_doReadOrWrite``; other writers (pipes, UNIX sockets, an
+outgoing connection still connecting, which learns from writability that
+it connected) register as always.  Every non-public name of Twisted this relies on
 (``_poller``, ``_selectables``, ``_reads``, ``_writes``,
 ``_disconnectSelectable``, ``posixbase._NO_FILEDESC``) is checked against
 the installed Twisted by ``tests/test_reactor.py``.  Measured in
@@ -48,6 +51,9 @@ from twisted.python import log
 
 _NO_FILEDESC = posixbase._NO_FILEDESC
 _TCP_SERVER = tcp.Server
+#: the connections whose writes are tried at the end of the turn: accepted ones, and outgoing
+#: TCP ones once connected (a cluster node's Redis connections)
+_TRIED = (tcp.Server, tcp.Client)
 _DISCONNECTED = EPOLLHUP | EPOLLERR
 
 
@@ -64,8 +70,8 @@ class SignalingReactor(epollreactor.EPollReactor):
     # -- writes ---------------------------------------------------------------------
 
     def addWriter(self, writer):
-        """Watch ``writer`` for writability: an accepted connection is first simply tried, at the end of the turn."""
-        if type(writer) is tcp.Server and writer is not self._trying:
+        """Watch ``writer`` for writability: a connected TCP connection is first tried, at the end of the turn."""
+        if type(writer) in _TRIED and writer.connected and writer is not self._trying:
             if writer.fileno() not in self._writes:  # (else epoll watches it already: the socket was full)
                 self._to_try[writer] = None
             return

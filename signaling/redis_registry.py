@@ -48,9 +48,9 @@ import socket
 import time
 from importlib import resources
 from time import perf_counter
+from typing import Optional
 from urllib.parse import urlparse
 
-import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -60,6 +60,7 @@ from zope.interface import implementer
 
 from signaling.errors import CLUSTER_UNREACHABLE, QUEUE_FULL, PeerIdTaken, SignalingError, Unavailable, refusal
 from signaling.metrics import Histogram
+from signaling.redis_wire import ConnectionLost, RedisLink, SubscriberLink
 from signaling.registry import IClusterRegistry, ILocalPeers, IRegistry, Peer, Transition
 from signaling.results import then
 from signaling.sessions import MOVED, NEW, RESUMED, ISessions
@@ -68,12 +69,47 @@ from signaling.sessions import MOVED, NEW, RESUMED, ISessions
 def load_scripts() -> dict:
     """The Lua scripts (package data), each with the shared prelude: name -> source."""
     folder = resources.files("signaling").joinpath("lua")
-    prelude = folder.joinpath("prelude.lua").read_text("utf-8")
-    return {
-        entry.name[: -len(".lua")]: prelude + entry.read_text("utf-8")
-        for entry in folder.iterdir()
-        if entry.name.endswith(".lua") and entry.name != "prelude.lua"
-    }
+    base, parts = prelude_parts(folder.joinpath("prelude.lua").read_text("utf-8"))
+    scripts = {}
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".lua") or entry.name == "prelude.lua":
+            continue
+        source = entry.read_text("utf-8")
+        first = source.split("\n", 1)[0]
+        if first.startswith("-- @needs "):
+            prelude = base + "".join(parts[name][1] for name in needed(parts, first.split()[2:]))
+        else:
+            prelude = base + "".join(text for _, text in parts.values())
+        scripts[entry.name[: -len(".lua")]] = prelude + source
+    return scripts
+
+
+def prelude_parts(prelude: str):
+    """
+    The prelude as (what every script gets, name -> (the parts it needs,
+    its text)), in the prelude's order: it is cut at each
+    ``-- @part NAME (needs A B)`` line.
+    """
+    base, *rest = prelude.split("-- @part ")
+    parts = {}
+    for chunk in rest:
+        head, text = chunk.split("\n", 1)
+        name, _, needs = head.partition(" (needs ")
+        parts[name] = (needs.rstrip(")").split(), text)
+    return base, parts
+
+
+def needed(parts, names):
+    """``names`` and every part they need, in the prelude's order."""
+    wanted, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in parts:
+            raise ValueError(f"no prelude part {name!r}")
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(parts[name][0])
+    return [name for name in parts if name in wanted]
 
 
 #: loaded once, when this module is first imported
@@ -108,7 +144,7 @@ class RedisRules:
     The pairing rules and sessions as the Lua scripts apply them in Redis,
     over any way of running a script: ``execute(name, *args)`` runs
     ``SCRIPTS[name]`` with ``ARGV`` = (prefix, *args) and returns its
-    reply, or a Deferred of it (:class:`RedisRegistry` uses txredisapi; the
+    reply, or a Deferred of it (:class:`RedisRegistry` uses :mod:`signaling.redis_wire`; the
     tests also use a blocking client, to hold both registries to one
     behaviour suite).
 
@@ -255,40 +291,6 @@ def parse_url(url: str):
     return parts.hostname or "127.0.0.1", parts.port or 6379, db, parts.password
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
-    def connectionMade(self):
-        super().connectionMade()
-        self.whenConnected().addCallback(lambda _: self.factory.registry._subscribed(self))
-
-    def connectionLost(self, why):
-        super().connectionLost(why)
-        self.factory.registry._listening = False
-        self.factory.registry._lost()
-
-    def messageReceived(self, pattern, channel, message):
-        registry = self.factory.registry
-        if registry.channel_handler is not None and _text(channel) != registry.node_channel:
-            registry.channel_handler(_text(channel), message)  # another module's channel (yjs topics)
-        else:
-            registry._message(message)
-
-
-class _SubscriberFactory(txredisapi.SubscriberFactory):
-    protocol = _Subscriber
-    maxDelay = 5
-
-
-class _PoolFactory(txredisapi.RedisFactory):
-    """The command pool; tells the registry when a connection is ready."""
-
-    maxDelay = 5
-
-    def addConnection(self, conn):
-        super().addConnection(conn)
-        if conn in self.pool:
-            self.registry._register()
-
-
 #: the registry's states, as /api/health reports them
 STARTING, CONNECTED, DISCONNECTED = "starting", "connected", "disconnected"
 
@@ -314,7 +316,8 @@ class _Limbo:
 class RedisRegistry(RedisRules, Service):
     """
     The registry shared by the nodes: :class:`RedisRules` run through a
-    txredisapi pool, this node's channel, heartbeats and the reaper.
+    lean connection of :mod:`signaling.redis_wire`, this node's channel (a subscriber connection
+    of the same module), heartbeats and the reaper.
 
     :param url: ``redis://host:port/db``.
     :param node: this node's id.
@@ -348,7 +351,7 @@ class RedisRegistry(RedisRules, Service):
         self._local = _NoLocalPeers()  # until attach()
         self.state = STARTING
         self.state_since = clock.seconds()
-        self._pool = None
+        self._link: Optional[RedisLink] = None  # the command connection (scripts)
         self._subscriber = None
         self._listening = False  # this node's channel is subscribed
         self._beating = None  # the heartbeat (or registration) in flight
@@ -363,6 +366,7 @@ class RedisRegistry(RedisRules, Service):
         self.latency = Histogram()  # of every script's round trip (metrics)
         self.expired = 0  # grace periods this node ended (metrics)
         self.node_channel = prefix + "to:" + node
+        self._node_channel = self.node_channel.encode("utf-8")
         #: handler(channel, message) of the messages on channels other than this node's, if any
         self.channel_handler = None
         #: called with the subscriber connection whenever it is (re)connected and this node's channel subscribed
@@ -389,20 +393,12 @@ class RedisRegistry(RedisRules, Service):
     def startService(self):
         super().startService()
         endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=5)
-        factory = _PoolFactory(
-            f"{self.host}:{self.port}", self.db, 2, isLazy=True, password=self.password,
-            replyTimeout=self.op_timeout, convertNumbers=True,
-        )
-        factory.registry = self
-        factory.startConnecting(endpoint)
-        self._pool_factory = factory
-        self._pool = factory.handler
-        sub = _SubscriberFactory(isLazy=True)
-        sub.registry = self
-        if self.password:
-            sub.password = self.password
-        sub.startConnecting(endpoint)
-        self._subscriber = sub
+        self._link = RedisLink(endpoint, SCRIPTS, self.clock, self.reactor, db=self.db, password=self.password,
+                               timeout=self.op_timeout, on_ready=self._register, on_lost=self._lost)
+        self._link.start()
+        self._subscriber = SubscriberLink(endpoint, self.reactor, self._subscribed, self._subscriber_lost,
+                                          self._published, password=self.password)
+        self._subscriber.start()
         self._beat.start(self.heartbeat_interval, now=False)
         self._log.info(
             "redis registry: node {node} using {host}:{port} db {db}; not admitting peers until registered",
@@ -421,9 +417,7 @@ class RedisRegistry(RedisRules, Service):
             if timer.active():
                 timer.cancel()  # (the other nodes' reapers end those periods)
         self._expiries.clear()
-        d = defer.gatherResults(
-            [self._pool_factory.disconnect(), self._subscriber.disconnect()], consumeErrors=True
-        )
+        d = defer.gatherResults([self._link.stop(), self._subscriber.stop()], consumeErrors=True)
         d.addErrback(lambda _: None)
         return d
 
@@ -440,6 +434,17 @@ class RedisRegistry(RedisRules, Service):
 
         d.addCallback(listening)
         d.addErrback(lambda f: self._log.warn("redis: subscribing failed: {e}", e=f.getErrorMessage()))
+
+    def _subscriber_lost(self):
+        self._listening = False
+        self._lost()
+
+    def _published(self, channel: bytes, message: bytes):
+        """A message on a channel this node subscribed to: its own (peers here), or another module's (topics)."""
+        if channel == self._node_channel or self.channel_handler is None:
+            self._message(message)
+        else:
+            self.channel_handler(channel.decode("utf-8", "replace"), message)  # (yjs topics)
 
     def _register(self):
         """Register this node now, if it is not and Redis is reachable (not at the next beat)."""
@@ -488,25 +493,22 @@ class RedisRegistry(RedisRules, Service):
             self._lost()
             return defer.fail(Unavailable(CLUSTER_UNREACHABLE))
         started = perf_counter()
-        d = self._pool.eval(SCRIPTS[name], [], [self.prefix, *args])
-        d.addTimeout(self.op_timeout, self.clock)
-
-        def timed(result):
-            self.latency.observe(perf_counter() - started)
-            return result
-
-        d.addCallback(timed)
-
-        def failed(failure):
-            if failure.check(SignalingError):
-                return failure
-            self._log.warn("redis: {name} failed: {error}", name=name, error=failure.getErrorMessage())
-            if failure.check(txredisapi.ConnectionError, defer.TimeoutError, defer.CancelledError):
-                self._lost()
-            raise Unavailable(CLUSTER_UNREACHABLE)
-
-        d.addErrback(failed)
+        d = self._link.run(name, (self.prefix, *args))
+        # (answers late: the link drops its connection at op_timeout, failing what waits)
+        d.addCallbacks(self._timed, self._failed, callbackArgs=(started,), errbackArgs=(name,))
         return d
+
+    def _timed(self, result, started):
+        self.latency.observe(perf_counter() - started)
+        return result
+
+    def _failed(self, failure, name):
+        if failure.check(SignalingError):
+            return failure
+        self._log.warn("redis: {name} failed: {error}", name=name, error=failure.getErrorMessage())
+        if failure.check(ConnectionLost):
+            self._lost()
+        raise Unavailable(CLUSTER_UNREACHABLE)
 
     def route(self, to, frame: bytes):
         """As :meth:`RedisRules.route`; a failure (Redis unreachable) answers "not delivered"."""
@@ -515,7 +517,7 @@ class RedisRegistry(RedisRules, Service):
     # -- cluster upkeep ------------------------------------------------------------------
 
     def _reachable(self) -> bool:
-        return self._listening and self._pool is not None and self._pool_factory.size > 0
+        return self._listening and self._link is not None and self._link.ready
 
     def _heartbeat(self):
         """
@@ -678,17 +680,17 @@ class RedisRegistry(RedisRules, Service):
         return RedisRules.resume(self, peer_id, ip, at, conn).addCallbacks(done, failed)
 
     def _message(self, message):
-        if isinstance(message, bytes):
-            message = message.decode("utf-8")
-        to, _, frame = message.partition("\n")
-        if frame.startswith("!"):  # a control message (see the module's docstring)
-            kind, _, conn = frame[1:].partition(":")
+        if isinstance(message, str):
+            message = message.encode("utf-8")
+        head, _, payload = message.partition(b"\n")
+        to = head.decode("utf-8")
+        if payload[:1] == b"!":  # a control message (see the module's docstring)
+            kind, _, conn = payload[1:].decode("utf-8").partition(":")
             if kind == "settled":
                 self._settled(to, conn)
             elif kind == "evict":
                 self._local.evict(to, conn)
             return
-        payload = frame.encode("utf-8")
         waiting = self._limbo.get(to) or self._resuming.get(to)
         if waiting is not None:
             if len(waiting.frames) >= self.queue_limit or waiting.size + len(payload) > self.queue_bytes:

@@ -6,26 +6,34 @@
 -- may resume), c is the connection that holds it (on node n).  A script
 -- that refuses returns {name}, a key of signaling.errors.REFUSALS; one that
 -- succeeds returns trans, which starts with '' and lists the transitions it
--- made (peer, old, new, target).
+-- made (peer, old, new, target).  A script that begins with a line
+-- '-- @needs <part> ...' is given only those parts of this prelude (and
+-- the parts they need): Redis runs the prelude at every call, and a relay
+-- across nodes is one call.
 local P = ARGV[1]
 local QMAX = tonumber(ARGV[2])
 local QBYTES = tonumber(ARGV[3])
 local GRACE = tonumber(ARGV[4])
 local PEERS = P .. 'peers'
 local trans = {''}
+-- @part get
 local function get(id)
   local v = redis.call('HGET', PEERS, id)
   if v then return cjson.decode(v) end
   return nil
 end
+-- @part put
 local function put(id, p) redis.call('HSET', PEERS, id, cjson.encode(p)) end
+-- @part now_ms
 -- the Redis clock in ms: one clock for every node's heartbeats and grace periods
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- @part beat (needs now_ms)
 -- record that a node is alive; 1 if it was not tracked until now
 local function beat(node) return redis.call('ZADD', P .. 'nodes', now_ms(), node) end
+-- @part set (needs put)
 local function set(id, p, state, target)
   table.insert(trans, id); table.insert(trans, p.s)
   table.insert(trans, state); table.insert(trans, target)
@@ -36,10 +44,12 @@ local function set(id, p, state, target)
   p.s = state; p.t = target
   put(id, p)
 end
+-- @part forget_queue
 -- a peer's queue (its grace period) is the list q:<id>, its size in bytes qb:<id>
 local function forget_queue(id)
   redis.call('DEL', P .. 'q:' .. id, P .. 'qb:' .. id)
 end
+-- @part send
 -- send a frame to a peer: published on its node's channel, or queued while
 -- it is in its grace period -> receivers of the publish (1 if queued), or
 -- -2 if its queue is full (the frame is dropped)
@@ -54,6 +64,7 @@ local function send(id, p, frame)
   end
   return redis.call('PUBLISH', P .. 'to:' .. p.n, id .. '\n' .. frame)
 end
+-- @part suspend (needs put now_ms)
 -- begin a peer's grace period (its socket was lost) -> its deadline (Redis ms)
 local function suspend(id, p)
   p.o = 0
@@ -63,6 +74,7 @@ local function suspend(id, p)
   redis.call('ZADD', P .. 'grace', deadline, id)
   return deadline
 end
+-- @part pair (needs get)
 local function pair(a_id, b_id)
   local a = get(a_id)
   if not a then return nil, nil, {'not-registered'} end
@@ -71,6 +83,7 @@ local function pair(a_id, b_id)
   if not b then return nil, nil, {'no-such-peer'} end
   return a, b, nil
 end
+-- @part paired (needs pair)
 -- the offer/answer/ICE check: both registered, and the sender connected to the target
 local function paired(a_id, b_id)
   local a, b, err = pair(a_id, b_id)
@@ -80,6 +93,7 @@ local function paired(a_id, b_id)
   end
   return a, b, nil
 end
+-- @part drop (needs get set send forget_queue)
 -- forget a peer (and its grace period and queue, if any); its watchers go
 -- idle; with notify, they are sent peer_left
 local function drop(id, notify)
