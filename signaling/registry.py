@@ -164,6 +164,11 @@ class IClusterRegistry(IRegistry, ISessions):
     A registry shared by several server processes ("nodes"): peers connected
     to other nodes are reached through it, and it may be unusable for a
     while (starting, or its shared state unreachable).
+
+    Its operations take effect in the shared state in the order this node
+    calls them, whether or not the caller waits for one's answer before
+    the next (the protocol does not wait for ``check_and_route``: what the
+    same peer sends next must still reach the shared state after it).
     """
 
     node = Attribute("This process's id among the nodes (``--node-id``).")

@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import time
+from json.encoder import encode_basestring_ascii
 from typing import Any, Dict, List, Optional
 
 from signaling.topics import MAX_TOPIC_LENGTH, valid_topic
@@ -61,7 +62,18 @@ def _unb64(text: str) -> bytes:
 
 
 def _sign(secret: bytes, payload: str) -> str:
-    return _b64(hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest())
+    """HMAC-SHA256 of ``payload``, base64url (from a keyed HMAC kept per secret: every welcome signs one)."""
+    keyed = _keyed.get(secret)
+    if keyed is None:
+        if len(_keyed) >= 8:
+            _keyed.clear()
+        keyed = _keyed[secret] = hmac.new(secret, digestmod=hashlib.sha256)
+    mac = keyed.copy()
+    mac.update(payload.encode("ascii"))
+    return _b64(mac.digest())
+
+
+_keyed: Dict[bytes, Any] = {}  # secret -> an HMAC keyed with it, copied for each signature
 
 
 def make_token(secret: bytes, ttl: float, peer_id: Optional[str] = None, now: Optional[float] = None,
@@ -145,7 +157,8 @@ def make_resume_token(secret: bytes, peer_id: str) -> str:
     like an access token (with the resume secret).  It holds no expiry: the
     session it names expires on its own (``--resume-grace``).
     """
-    payload = _b64(json.dumps({"rid": peer_id}, separators=(",", ":")).encode("utf-8"))
+    # (what json.dumps({"rid": peer_id}, separators=(",", ":")) writes)
+    payload = _b64(('{"rid":' + encode_basestring_ascii(peer_id) + "}").encode("ascii"))
     return f"{payload}.{_sign(secret, payload)}"
 
 

@@ -7,10 +7,12 @@ closes and tokens start or end a session.
 from urllib.parse import quote
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from memory import Harness
 from twisted.logger import capturedLogs, formatEvent
 
-from signaling.tokens import make_resume_token
+from signaling.tokens import make_resume_token, verify_resume_token
 
 pytestmark = pytest.mark.memory
 
@@ -324,3 +326,22 @@ def test_a_fixed_id_back_without_its_resume_token_takes_its_grace_period_over():
     h.clock.advance(60)  # the old grace period's timer is gone: nothing expires
     h.flush()
     assert h.registry.get("alice").state == "connected" and bob.take() == []
+
+
+@pytest.mark.pure
+@given(st.text(alphabet="abcdefABC0123456789-._~:@+=", min_size=1, max_size=40), st.binary(min_size=16, max_size=100))
+def test_resume_tokens_are_signed_json_as_documented(peer_id, secret):
+    """A resume token is base64url JSON {"rid": id}, a dot, and the HMAC-SHA256 of that text with the secret."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+    payload = b64(json.dumps({"rid": peer_id}, separators=(",", ":")).encode("utf-8"))
+    expected = payload + "." + b64(hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest())
+    assert make_resume_token(secret, peer_id) == expected
+    assert verify_resume_token(secret, expected) == peer_id
+    assert verify_resume_token(secret + b"!", expected) is None
