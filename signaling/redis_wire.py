@@ -127,7 +127,65 @@ def _is_error(reply) -> bool:
     return isinstance(reply, ReplyError) or (_HiredisReplyError is not None and isinstance(reply, _HiredisReplyError))
 
 
-class RedisConnection(Protocol):
+class _Replies(Protocol):
+    """
+    What both kinds of connection share: commands written as RESP, replies
+    read with :func:`_reader` and handed to :meth:`_reply` one by one, the
+    Deferreds of the commands waiting for theirs (in order), failed with
+    :class:`ConnectionLost` when the connection goes.
+    """
+
+    transport: Any
+    _log = Logger()
+
+    def connectionMade(self):
+        self._reader = _reader()
+        self._waiting: Deque[defer.Deferred] = deque()
+        self._lost = False
+
+    def _send(self, *args) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        if self._lost:
+            d.errback(ConnectionLost("the connection to Redis is closed"))
+            return d
+        self._waiting.append(d)
+        self.transport.write(command(*args))
+        return d
+
+    def dataReceived(self, data):
+        reader = self._reader
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except Exception as e:  # (a protocol error: nothing after it can be trusted)
+                self._log.warn("redis: unreadable reply: {e}", e=e)
+                self.transport.abortConnection()
+                return
+            if reply is False:
+                return
+            self._reply(reply)
+
+    def _reply(self, reply) -> None:
+        raise NotImplementedError
+
+    def _answer(self, reply) -> None:
+        """``reply`` answers the oldest command waiting."""
+        d = self._waiting.popleft()
+        if _is_error(reply):
+            d.errback(ReplyError(str(reply)))
+        else:
+            d.callback(reply)
+
+    def connectionLost(self, reason):
+        self._lost = True
+        waiting, self._waiting = self._waiting, deque()
+        for d in waiting:
+            d.errback(ConnectionLost(f"the connection to Redis was lost: {reason.getErrorMessage()}"))
+        self.factory.connection_lost(self)
+
+
+class RedisConnection(_Replies):
     """
     One connection: :meth:`execute` writes a command and answers a Deferred
     of its reply (failing with :class:`ReplyError` or :class:`ConnectionLost`).
@@ -135,18 +193,13 @@ class RedisConnection(Protocol):
     loads the scripts (``factory.setup``).
     """
 
-    transport: Any
-
-    _log = Logger()
     ready = False
 
     def connectionMade(self):
-        self._reader = _reader()
-        self._waiting: Deque[Tuple[defer.Deferred, float]] = deque()
+        super().connectionMade()
+        self._sent: Deque[float] = deque()  # when each command waiting was written
         self._watchdog = None
-        self._lost = False
-        factory = self.factory
-        setup = [self.execute(*args) for args in factory.setup_commands()]
+        setup = [self.execute(*args) for args in self.factory.setup_commands()]
         defer.gatherResults(setup, consumeErrors=True).addCallbacks(self._set_up, self._setup_failed)
 
     def _set_up(self, replies):
@@ -161,46 +214,28 @@ class RedisConnection(Protocol):
             self.transport.abortConnection()
 
     def execute(self, *args) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        if self._lost:
-            d.errback(ConnectionLost("the connection to Redis is closed"))
-            return d
-        self._waiting.append((d, self.factory.clock.seconds()))
-        if self._watchdog is None:
-            self._watchdog = self.factory.clock.callLater(self.factory.timeout, self._check)
-        self.transport.write(command(*args))
+        d = self._send(*args)
+        if not self._lost:
+            self._sent.append(self.factory.clock.seconds())
+            if self._watchdog is None:
+                self._watchdog = self.factory.clock.callLater(self.factory.timeout, self._check)
         return d
 
-    def dataReceived(self, data):
-        reader = self._reader
-        reader.feed(data)
-        waiting = self._waiting
-        while True:
-            try:
-                reply = reader.gets()
-            except Exception as e:  # (a protocol error: nothing after it can be trusted)
-                self._log.warn("redis: unreadable reply: {e}", e=e)
-                self.transport.abortConnection()
-                return
-            if reply is False:
-                return
-            if not waiting:
-                self._log.warn("redis: a reply to no command; dropping the connection")
-                self.transport.abortConnection()
-                return
-            d, _ = waiting.popleft()
-            if _is_error(reply):
-                d.errback(ReplyError(str(reply)))
-            else:
-                d.callback(reply)
+    def _reply(self, reply) -> None:
+        if not self._waiting:
+            self._log.warn("redis: a reply to no command; dropping the connection")
+            self.transport.abortConnection()
+            return
+        self._sent.popleft()
+        self._answer(reply)
 
     def _check(self):
         """The oldest command has waited ``timeout``: drop the connection (everything behind it waits too)."""
         self._watchdog = None
-        if not self._waiting or self._lost:
+        if not self._sent or self._lost:
             return
         clock, timeout = self.factory.clock, self.factory.timeout
-        late = clock.seconds() - self._waiting[0][1]
+        late = clock.seconds() - self._sent[0]
         if late >= timeout:
             self._log.warn("redis: no answer for {late:.1f}s; dropping the connection", late=late)
             self.transport.abortConnection()
@@ -208,15 +243,12 @@ class RedisConnection(Protocol):
         self._watchdog = clock.callLater(timeout - late, self._check)
 
     def connectionLost(self, reason):
-        self._lost = True
         self.ready = False
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
-        waiting, self._waiting = self._waiting, deque()
-        for d, _ in waiting:
-            d.errback(ConnectionLost(f"the connection to Redis was lost: {reason.getErrorMessage()}"))
-        self.factory.connection_lost(self)
+        self._sent.clear()
+        super().connectionLost(reason)
 
 
 class _LinkFactory(Factory):
@@ -321,7 +353,7 @@ class RedisLink:
         return failure
 
 
-class Subscriber(Protocol):
+class Subscriber(_Replies):
     """
     A connection in Redis's subscriber mode: :meth:`subscribe` and
     :meth:`unsubscribe` (one channel each; Deferreds fired by Redis's
@@ -329,17 +361,11 @@ class Subscriber(Protocol):
     channel handed to ``factory.on_message(channel, data)`` as bytes.
     """
 
-    transport: Any
-
-    _log = Logger()
-
     def connectionMade(self):
-        self._reader = _reader()
-        self._waiting: Deque[defer.Deferred] = deque()
-        self._lost = False
+        super().connectionMade()
         factory = self.factory
         if factory.password:
-            self._command("AUTH", factory.password).addCallbacks(
+            self._send("AUTH", factory.password).addCallbacks(
                 lambda _: factory.connection_ready(self), self._setup_failed)
         else:
             factory.connection_ready(self)
@@ -349,50 +375,18 @@ class Subscriber(Protocol):
             self._log.warn("redis: authenticating the subscriber failed: {why}", why=failure.getErrorMessage())
             self.transport.abortConnection()
 
-    def _command(self, *args) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        if self._lost:
-            d.errback(ConnectionLost("the connection to Redis is closed"))
-            return d
-        self._waiting.append(d)
-        self.transport.write(command(*args))
-        return d
-
     def subscribe(self, channel: str) -> defer.Deferred:
-        return self._command("SUBSCRIBE", channel)
+        return self._send("SUBSCRIBE", channel)
 
     def unsubscribe(self, channel: str) -> defer.Deferred:
-        return self._command("UNSUBSCRIBE", channel)
+        return self._send("UNSUBSCRIBE", channel)
 
-    def dataReceived(self, data):
-        reader = self._reader
-        reader.feed(data)
-        on_message = self.factory.on_message
-        while True:
-            try:
-                reply = reader.gets()
-            except Exception as e:
-                self._log.warn("redis: unreadable reply: {e}", e=e)
-                self.transport.abortConnection()
-                return
-            if reply is False:
-                return
-            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-                on_message(reply[1], reply[2])
-            elif self._waiting:  # (a confirmation of subscribe/unsubscribe, or AUTH's answer)
-                d = self._waiting.popleft()
-                if _is_error(reply):
-                    d.errback(ReplyError(str(reply)))
-                else:
-                    d.callback(reply)
-            # (else a confirmation nobody waits for: nothing to do)
-
-    def connectionLost(self, reason):
-        self._lost = True
-        waiting, self._waiting = self._waiting, deque()
-        for d in waiting:
-            d.errback(ConnectionLost(f"the connection to Redis was lost: {reason.getErrorMessage()}"))
-        self.factory.connection_lost(self)
+    def _reply(self, reply) -> None:
+        if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+            self.factory.on_message(reply[1], reply[2])
+        elif self._waiting:  # (a confirmation of subscribe/unsubscribe, or AUTH's answer)
+            self._answer(reply)
+        # (else a confirmation nobody waits for: nothing to do)
 
 
 class _SubscriberFactory(Factory):
