@@ -82,7 +82,7 @@ def loads(payload: bytes) -> Any:
     :raises ValueError: (or RecursionError) if the text is not valid JSON.
     """
     try:
-        if _TWENTY_DIGITS in payload.translate(_DIGITS_AS_ZEROS):
+        if _has_long_digit_run(payload):
             raise ValueError("maybe an integer beyond 64 bits")
         return orjson.loads(payload)
     except (AttributeError, ValueError):
@@ -172,16 +172,6 @@ def welcome(peer_id: str, ice_servers: list, resume: str, resumed: bool) -> dict
 
 def relay(kind: str, sender: Optional[str], data: Any) -> dict:
     return {"type": kind, "from": sender, "data": data}
-
-
-def relay_frame(kind: str, sender: Optional[str], data: Any) -> bytes:
-    """``encode(relay(kind, sender, data))``, in one call (every relayed message is one)."""
-    if orjson is not None:
-        try:
-            return orjson.dumps({"type": kind, "from": sender, "data": data})
-        except TypeError:
-            pass  # (encode decides, as for every frame orjson cannot write)
-    return encode({"type": kind, "from": sender, "data": data})
 
 
 def error(code: str, message: str, ref: Optional[str] = None) -> dict:

@@ -28,7 +28,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
 
 from signaling.errors import InvalidJSON, InvalidMessage, SignalingError, UnknownType
-from signaling.messages import encode, loads, orjson
+from signaling.messages import encode, loads
 
 # -- ids and tokens -------------------------------------------------------------------
 
@@ -140,14 +140,9 @@ def error(text: str) -> bytes:
 
 def relay(kind: str, src: str, dst: str, payload: Any) -> bytes:
     """What ``dst`` receives: the message with its sender's id stamped as ``src``."""
-    message = {"type": kind, "src": src, "dst": dst} if payload is None else {
-        "type": kind, "src": src, "dst": dst, "payload": payload}
-    if orjson is not None:
-        try:
-            return orjson.dumps(message)
-        except TypeError:
-            pass  # (encode decides, as for every frame orjson cannot write)
-    return encode(message)
+    if payload is None:
+        return encode({"type": kind, "src": src, "dst": dst})
+    return encode({"type": kind, "src": src, "dst": dst, "payload": payload})
 
 
 def expire(src: str, dst: str) -> bytes:

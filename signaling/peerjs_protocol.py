@@ -218,12 +218,7 @@ class PeerJSRealm:
         proto = factory.connections.get(to)
         delivered = proto.send(frame) if proto is not None else factory.deliver(to, frame)
         if delivered is True:  # (the commonest case, first)
-            if factory.settings.log_relays:
-                self._relayed(message.type, sender, to, size)
-            else:  # (what _relayed counts, inline: every relay comes this way)
-                metrics = factory.metrics
-                metrics.relays[peerjs.NATIVE_TYPE[message.type]] += 1
-                metrics.relayed_bytes += size
+            self._relayed(message.type, sender, to, size)
             return None
         if is_deferred(delivered):
             return delivered.addCallback(self._sent, sender, to, message.type, frame, size)

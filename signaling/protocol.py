@@ -282,14 +282,8 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             # partner it is linked with, with nothing of this peer's still
             # pending: relayed now, as _process would (see _link)
             sender = self.peer_id
-            delivered = partner.send(messages.relay_frame(message.type, sender, message.data))
-            metrics = self.factory.metrics
-            if delivered is not True or self.factory.settings.log_relays or metrics.until_sample <= 1:
-                self._relayed(delivered, message, sender, len(payload), self._read_at)
-                return
-            metrics.relays[message.type] += 1
-            metrics.relayed_bytes += len(payload)
-            metrics.until_sample -= 1
+            delivered = partner.send(messages.encode(messages.relay(message.type, sender, message.data)))
+            self._relayed(delivered, message, sender, len(payload), self._read_at)
             return
         self._enqueue(self._process, message, len(payload))
 
@@ -599,7 +593,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
                 # both here and known paired, which only their own
                 # connections can undo: no registry, no Redis (see _link)
                 sender = self.peer_id
-                payload = messages.relay_frame(message.type, sender, message.data)
+                payload = messages.encode(messages.relay(message.type, sender, message.data))
                 return self._relayed(partner.send(payload), message, sender, size, started)
             if factory.cluster is not None and message.to not in factory.connections:
                 # a peer elsewhere: the check and the publish in one
@@ -607,7 +601,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
                 # operations in the order they are called, so what this
                 # peer sends next reaches Redis after it (docs/cluster.rst)
                 sender = self.peer_id
-                payload = messages.relay_frame(message.type, sender, message.data)
+                payload = messages.encode(messages.relay(message.type, sender, message.data))
                 factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
                     self._relayed,
                     self._refused,
@@ -696,7 +690,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             self.factory.note_transitions(transitions)
         if link is not None and message.type != "ping":
             self._link(link)  # (a pong or a check that passed: the two are paired in Redis)
-        payload = messages.relay_frame(message.type, sender, message.data)
+        payload = messages.encode(messages.relay(message.type, sender, message.data))
         delivered = self.factory.deliver(message.to, payload)
         if is_deferred(delivered):
             return delivered.addCallback(self._relayed, message, sender, size, started)
