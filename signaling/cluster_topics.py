@@ -179,12 +179,10 @@ class RedisTopics:
         d = self.registry._execute("yjs_publish", topic, self.node, str(here), head.decode("utf-8"))
         return d.addCallbacks(counted, failed)
 
-    def _message(self, channel: str, message) -> None:
+    def _message(self, channel: str, message: bytes) -> None:
         """A publish from another node: to this node's subscribers of its topic."""
         if not channel.startswith(self.channel_prefix):
             return
-        if isinstance(message, str):
-            message = message.encode("utf-8")
         origin, _, rest = message.partition(b"\n")
         if origin.decode("utf-8", "replace") == self.node:
             return  # ours: delivered here already

@@ -679,9 +679,7 @@ class RedisRegistry(RedisRules, Service):
 
         return RedisRules.resume(self, peer_id, ip, at, conn).addCallbacks(done, failed)
 
-    def _message(self, message):
-        if isinstance(message, str):
-            message = message.encode("utf-8")
+    def _message(self, message: bytes):
         head, _, payload = message.partition(b"\n")
         to = head.decode("utf-8")
         if payload[:1] == b"!":  # a control message (see the module's docstring)

@@ -352,7 +352,7 @@ class RegistryResume(RegistryLiveness):
         """
         a, c = yield self.pair_across()
         settled = a.lose("a1")
-        a.registry._message("a1\n" + json.dumps(offer(0)))  # published before the suspend ran
+        a.registry._message(b"a1\n" + json.dumps(offer(0)).encode())  # published before the suspend ran
         yield settled
         yield c.registry.route("a1", frame(offer(1)))
         kind, frames = yield c.resume("a1")
@@ -365,7 +365,7 @@ class RegistryResume(RegistryLiveness):
         yield c.resume("a1", conn="new")
         while not a.evicted:
             yield a.delivery()
-        a.registry._message("a1\n" + json.dumps(offer(7)))
+        a.registry._message(b"a1\n" + json.dumps(offer(7)).encode())
         while ("a1", offer(7)) not in c.delivered:
             c.delivered.clear()
             c.evicted.clear()
