@@ -79,42 +79,34 @@ def with_options(cls, factory, base):
     return type(cls.__name__, (cls,), attrs)
 
 
-class ClockTimer:
-    """
-    Autobahn's timer interface (``call_later``) on our clock.
-
-    Autobahn's default, txaio's batched timer, runs on the global reactor and
-    rounds every deadline down to a whole second, so that a ping timeout
-    below a second fires at once and a 10 s one may fire after 9 s.  This one
-    is exact, and uses the injected clock (a fake one in tests).
-    """
-
-    def __init__(self, clock):
-        self._clock = clock
-
-    def call_later(self, delay, func, *args, **kwargs):
-        return _Call(self._clock.callLater(delay, func, *args, **kwargs))
-
-
-class _Call:
-    __slots__ = ("_call",)
-
-    def __init__(self, call):
-        self._call = call
-
-    def cancel(self):
-        if self._call.active():
-            self._call.cancel()
-
-
 def use_timer(factory, timer) -> None:
     """
     Make Autobahn schedule its handshake, ping and close timeouts with
-    ``timer`` (``call_later``), on our clock: its default, txaio's batched
-    timer, runs on the global reactor and rounds every deadline down to a
-    whole second.  Relies on the factory's ``_batched_timer``.
+    ``timer`` (``call_later``; :class:`signaling.timers.SlotTimer`), on our
+    clock: its default, txaio's batched timer, runs on the global reactor
+    and runs a whole bucket's calls (up to 1,000) in one reactor turn.
+    Relies on the factory's ``_batched_timer``.
     """
     factory._batched_timer = timer
+
+
+def spread_first_ping(proto, fraction: float) -> None:
+    """
+    Move the first keepalive ping, which Autobahn schedules
+    ``autoPingInterval`` after the handshake, to ``fraction`` (0 to 1) of
+    the way through the second half of that interval.  Peers that connect
+    together (a burst, a restart's reconnections) are then not pinged
+    together, interval after interval: each later ping is scheduled an
+    interval after the previous pong, so the spread stays.  Relies on
+    ``autoPingPendingCall``, ``autoPingInterval``, ``_sendAutoPing`` and
+    the factory's ``_batched_timer`` (:func:`use_timer`).
+    """
+    call = proto.autoPingPendingCall
+    if call is None or not proto.autoPingInterval:
+        return
+    call.cancel()
+    delay = proto.autoPingInterval * (0.5 + 0.5 * fraction)
+    proto.autoPingPendingCall = proto.factory._batched_timer.call_later(delay, proto._sendAutoPing)
 
 
 #: Autobahn protocol attributes used only while the opening handshake is

@@ -21,6 +21,7 @@ then run one after another, in the order their frames arrived.
 
 import itertools
 import os
+import random
 from collections import Counter, deque
 from time import perf_counter
 from typing import Any, Dict, Optional, Set
@@ -34,7 +35,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from signaling import _compat, messages
-from signaling._compat import ClockTimer
 from signaling._tcp import unsent_bytes, write
 from signaling.admission import Refused, authorize, client_address, host_of, is_trusted_proxy, request_token
 from signaling.errors import (
@@ -57,11 +57,12 @@ from signaling.results import is_deferred, then
 from signaling.safetext import SafeLogger, safe, txaio_off
 from signaling.sessions import MOVED, NEW, RESUMED, ISessions, LocalSessions
 from signaling.settings import Settings
+from signaling.timers import SlotTimer
 from signaling.tokens import make_resume_token, verify_resume_token
 from signaling.turn import NO_ICE_SERVERS
 from signaling.writes import WriteBatch
 
-__all__ = ["SignalingServerProtocol", "SignalingFactory", "ClockTimer", "CLOSE_POLICY_VIOLATION", "CLOSE_TOO_BIG"]
+__all__ = ["SignalingServerProtocol", "SignalingFactory", "CLOSE_POLICY_VIOLATION", "CLOSE_TOO_BIG"]
 
 #: close code sent to every peer when the server shuts down
 CLOSE_GOING_AWAY = 1001
@@ -258,6 +259,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         self._busy = False
         self._queue = None  # made when an operation has to wait
         _compat.drop_handshake_state(self)
+        _compat.spread_first_ping(self, factory.ping_phase())
         if self._replaces is not None:
             older, self._replaces = self._replaces, None
             self._enqueue(factory.take_over, older)
@@ -381,9 +383,16 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
     def sendData(self, data, sync=False, chopsize=None):
         # Everything Autobahn writes (close frames, pongs) comes through
         # here: frames held for this peer go first, so that the order on the
-        # wire is the order of sending.
+        # wire is the order of sending.  Written as Autobahn would (it
+        # queues only for sync or a chopsize, which this server never asks
+        # for), but tried on the socket at once: a keepalive ping, the
+        # handshake's answer or a close frame then needs no register-for-
+        # writable round trip through the reactor either.
         self.factory.writes.release(self)
-        WebSocketServerProtocol.sendData(self, data, sync, chopsize)
+        if sync or chopsize or self.send_queue:
+            WebSocketServerProtocol.sendData(self, data, sync, chopsize)
+        else:
+            write(self.transport, data)
 
     def _over_outbound(self) -> bool:
         """
@@ -783,7 +792,9 @@ class SignalingFactory(WebSocketServerFactory):
         self._refusals = LogBudget(clock, self._refusals_held, lines=10)
         self.held = HeldConnections(clock, settings.held_slice)  # connections with frames left for a later turn
         self.writes = WriteBatch(clock)  # frames held until the end of a reactor turn
-        _compat.use_timer(self, ClockTimer(clock))
+        #: where in the second half of the keepalive interval a new peer's first ping falls (0 to 1)
+        self.ping_phase = random.Random().random
+        _compat.use_timer(self, SlotTimer(clock))  # keepalive and handshake deadlines, in 2 ms slots
         self.setProtocolOptions(
             maxMessagePayloadSize=settings.max_message_size,
             maxFramePayloadSize=settings.max_message_size,

@@ -12,10 +12,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
-from signaling._compat import ClockTimer
 from signaling.protocol import SignalingFactory
 from signaling.registry import Registry
 from signaling.settings import Settings
+from signaling.timers import SlotTimer
 
 
 class Client(WebSocketClientProtocol):
@@ -74,7 +74,7 @@ class Harness:
         client_factory = WebSocketClientFactory(
             url, origin=origin, headers=headers, reactor=self.clock
         )
-        client_factory._batched_timer = ClockTimer(self.clock)
+        client_factory._batched_timer = SlotTimer(self.clock)
         client_factory.protocol = Client
         client_factory.setProtocolOptions(
             openHandshakeTimeout=0, closeHandshakeTimeout=0, serverConnectionDropTimeout=0

@@ -178,6 +178,35 @@ def test_peer_left_on_close(h):
     assert a_id not in h.factory.connections
 
 
+def test_first_pings_are_spread_over_the_second_half_of_the_interval():
+    """
+    Peers that connect at the same instant are first pinged at their own
+    point in the second half of the interval (the factory's ping_phase),
+    and an interval after each pong from then on: the spread stays.
+    """
+    pinged = []
+
+    class Counting(Client):
+        def onPing(self, payload):
+            pinged.append((self.index, h.clock.seconds() - start))
+            super().onPing(payload)
+
+    h = Harness(ping_interval=10, ping_timeout=5)
+    phases = iter([0.0, 0.5, 1.0])
+    h.factory.ping_phase = lambda: next(phases)
+    start = h.clock.seconds()
+    peers = []
+    for i in range(3):
+        c = h.connect()
+        c.__class__, c.index = Counting, i
+        peers.append(c)
+    for _ in range(100):  # 25 s in quarter seconds
+        h.clock.advance(0.25)
+        h.flush()
+    assert pinged == [(0, 5.0), (1, 7.5), (2, 10.0), (0, 15.0), (1, 17.5), (2, 20.0), (0, 25.0)]
+    assert all(c.closed_with is None for c in peers)
+
+
 def test_keepalive_timeout_drops_dead_peer():
     """
     A peer that stops answering WebSocket pings is dropped; as a lost socket
