@@ -221,11 +221,14 @@ async def rate(args):
     interval = args.pairs / args.rate  # each pair sends every `interval` seconds
     stop = time.perf_counter() + args.warmup + args.seconds
 
+    sent = [0]
+
     async def pace(a, b, offset):
         await asyncio.sleep(offset)
         next_at = time.perf_counter()
         while next_at < stop:
             send(a, "offer", b.id, {"type": "offer", "sdp": SDP, "t": time.perf_counter()})
+            sent[0] += 1
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
@@ -235,7 +238,7 @@ async def rate(args):
     lat = latencies[n_warm:]
     return {
         "scenario": "rate", "protocol": args.protocol, "generator": "picows",
-        "pairs": args.pairs, "offered_per_s": args.rate, "received": len(latencies),
+        "pairs": args.pairs, "offered_per_s": args.rate, "sent": sent[0], "received": len(latencies),
         "latency_ms": {k: round(pct(lat, p) * 1000, 3)
                        for k, p in (("p50", 50), ("p99", 99), ("p999", 99.9), ("max", 100))},
         "errors": sum(a.errors + b.errors for a, b in pairs),

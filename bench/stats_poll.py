@@ -274,7 +274,7 @@ def run(args):
         lat = [p["pairs"]["latency_ms"] for p in runs]
         summary[name] = {k: round(median([x[k] for x in lat]), 3) for k in ("p50", "p99", "p999", "max")}
         summary[name]["p99_rounds"] = [x["p99"] for x in lat]
-        summary[name]["lost"] = sum(args.rate * (args.seconds + args.warmup) - p["pairs"]["received"] for p in runs)
+        summary[name]["lost"] = sum(p["pairs"]["sent"] - p["pairs"]["received"] for p in runs)
         if runs[0].get("pollers"):
             summary[name]["requests_per_s"] = round(median([p["pollers"]["requests_per_s"] for p in runs]), 1)
             summary[name]["mb_per_s"] = round(median([p["pollers"]["mb_per_s"] for p in runs]), 2)
