@@ -24,7 +24,8 @@ class SlotTimer:
     """
     Autobahn's timer interface (``call_later(delay, func, *args, **kwargs)``
     answering something with ``cancel()``) on ``clock``, in slots of
-    ``resolution`` seconds.
+    ``resolution`` seconds.  A slot whose deadlines are all cancelled
+    cancels its timed call: a server with no connections has none pending.
     """
 
     _log = Logger()
@@ -32,39 +33,62 @@ class SlotTimer:
     def __init__(self, clock, resolution: float = 0.002):
         self._clock = clock
         self._per_second = 1.0 / resolution
-        self._slots: Dict[int, List[_Deadline]] = {}  # slot number -> its deadlines, in the order set
+        self._slots: Dict[int, _Slot] = {}
 
     def call_later(self, delay, func, *args, **kwargs):
-        slot = ceil((self._clock.seconds() + delay) * self._per_second)  # the first slot ending at or after it
-        deadline = _Deadline(func, args, kwargs)
-        due = self._slots.get(slot)
-        if due is None:
-            self._slots[slot] = [deadline]
-            self._clock.callLater(max(0.0, slot / self._per_second - self._clock.seconds()), self._run, slot)
-        else:
-            due.append(deadline)
+        number = ceil((self._clock.seconds() + delay) * self._per_second)  # the first slot ending at or after it
+        slot = self._slots.get(number)
+        if slot is None:
+            slot = self._slots[number] = _Slot(self, number)
+            slot.call = self._clock.callLater(max(0.0, number / self._per_second - self._clock.seconds()),
+                                              self._run, number)
+        deadline = _Deadline(slot, func, args, kwargs)
+        slot.deadlines.append(deadline)
+        slot.live += 1
         return deadline
 
-    def _run(self, slot):
-        for deadline in self._slots.pop(slot):
+    def _run(self, number):
+        slot = self._slots.pop(number)
+        for deadline in slot.deadlines:
             if deadline.func is not None:
                 func, args, kwargs = deadline.func, deadline.args, deadline.kwargs
-                deadline.func = deadline.args = deadline.kwargs = None
+                deadline.slot = deadline.func = deadline.args = deadline.kwargs = None
                 try:
                     func(*args, **kwargs)
                 except Exception:  # (one connection's fault must not cost the others their deadlines)
                     self._log.failure("a timed call failed: {func!r}", func=func)
 
+    def _emptied(self, slot):
+        if self._slots.get(slot.number) is slot:
+            del self._slots[slot.number]
+            slot.call.cancel()
+
     def pending(self) -> int:
         """Deadlines set and neither run nor cancelled."""
-        return sum(1 for due in self._slots.values() for d in due if d.func is not None)
+        return sum(slot.live for slot in self._slots.values())
+
+
+class _Slot:
+    __slots__ = ("timer", "number", "call", "deadlines", "live")
+
+    def __init__(self, timer, number):
+        self.timer, self.number, self.call = timer, number, None
+        self.deadlines: List[_Deadline] = []  # in the order set
+        self.live = 0  # neither run nor cancelled
 
 
 class _Deadline:
-    __slots__ = ("func", "args", "kwargs")
+    __slots__ = ("slot", "func", "args", "kwargs")
 
-    def __init__(self, func, args, kwargs):
-        self.func, self.args, self.kwargs = func, args, kwargs
+    def __init__(self, slot, func, args, kwargs):
+        self.slot, self.func, self.args, self.kwargs = slot, func, args, kwargs
 
     def cancel(self):
-        self.func = self.args = self.kwargs = None
+        if self.func is None:
+            return  # run or cancelled already
+        slot = self.slot
+        # (nothing kept: a connection may hold a deadline long after it ran or was cancelled)
+        self.slot = self.func = self.args = self.kwargs = None
+        slot.live -= 1
+        if slot.live == 0:
+            slot.timer._emptied(slot)

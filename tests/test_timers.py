@@ -88,3 +88,32 @@ def test_cancel_twice_and_after_running_is_harmless():
     other.cancel()
     clock.advance(1)
     assert ran == ["x"] and timer.pending() == 0
+
+
+def test_a_slot_whose_deadlines_are_all_cancelled_leaves_no_timed_call():
+    """(A server whose connections have all gone has nothing pending: trial checks the reactor is clean.)"""
+    clock = clock_at()
+    timer = SlotTimer(clock, RESOLUTION)
+    a = timer.call_later(1, lambda: None)
+    b = timer.call_later(1, lambda: None)
+    c = timer.call_later(3, lambda: None)
+    a.cancel()
+    assert len(clock.getDelayedCalls()) == 2 and timer.pending() == 2
+    b.cancel()
+    c.cancel()
+    assert clock.getDelayedCalls() == [] and timer.pending() == 0
+    ran = []
+    timer.call_later(1, ran.append, "again")  # the slot is made anew
+    clock.advance(1)
+    assert ran == ["again"]
+
+
+def test_a_cancelled_or_run_deadline_keeps_nothing():
+    clock = clock_at()
+    timer = SlotTimer(clock, RESOLUTION)
+    ran = timer.call_later(1, lambda: None)
+    cancelled = timer.call_later(1, lambda: None)
+    cancelled.cancel()
+    clock.advance(1)
+    for deadline in (ran, cancelled):
+        assert (deadline.slot, deadline.func, deadline.args, deadline.kwargs) == (None, None, None, None)
