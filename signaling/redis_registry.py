@@ -30,7 +30,8 @@ Keys (``P`` is the prefix, ``signaling:`` by default):
   ``<peer id>\\n<frame>``, and the control messages ``<peer id>\\n!evict:<conn>``
   (it resumed elsewhere: close that connection without ending the session)
   and ``<peer id>\\n!settled:<conn>`` (its grace period began: every message
-  published to this node for it before then has arrived).
+  published to this node for it before then has arrived, and is handed over
+  with ``settle.lua``; a resume waits for that, at most 2 s).
 
 Resume: a peer whose socket was lost is put in its grace period (not on
 any node, in ``P grace``); messages to it are queued; a connection to any
@@ -114,6 +115,9 @@ def needed(parts, names):
 
 #: loaded once, when this module is first imported
 SCRIPTS = load_scripts()
+
+#: resume.lua's answer while the hand-over of a peer's last frames is due (RedisRules.resume)
+SETTLING = "settling"
 
 
 def _text(value):
@@ -225,10 +229,16 @@ class RedisRules:
         return self._execute("suspend", peer_id, self.node, conn)
 
     def resume(self, peer_id, ip, at, conn):
+        """
+        As :meth:`ISessions.resume`, in one script; or ``(SETTLING, [])``:
+        the node that lost the peer's socket has not yet handed over what
+        reached it then (``settle``), and nothing changed: ask again shortly.
+        """
+
         def outcome(reply):
             kind = _text(reply[0])
             frames = [f if isinstance(f, bytes) else f.encode("utf-8") for f in reply[1:]]
-            return {"resumed": RESUMED, "moved": MOVED, "new": NEW}[kind], frames
+            return {"resumed": RESUMED, "moved": MOVED, "new": NEW, "settling": SETTLING}[kind], frames
 
         return then(self._execute("resume", peer_id, self.node, ip, repr(at), conn), outcome)
 
@@ -241,15 +251,23 @@ class RedisRules:
         """
         return self._execute("expire", peer_id, conn)
 
-    def forward(self, peer_id, frames, front=False):
+    def forward(self, peer_id, frames):
         """
         Pass on frames that reached this node for a peer no longer connected
-        to it: queued if it is in grace (``front``: before those already
-        queued), published to its node if it is on another one.  Answers
-        how many were passed on.
+        to it: queued if it is in grace, published to its node if it is on
+        another one.  Answers how many were passed on.
         """
-        return self._execute("forward", peer_id, self.node, "1" if front else "0",
-                             *[f.decode("utf-8") for f in frames])
+        return self._execute("forward", peer_id, self.node, *[f.decode("utf-8") for f in frames])
+
+    def settle(self, peer_id, conn, frames):
+        """
+        Hand over the frames that reached this node for ``peer_id`` between
+        the loss of ``conn``'s socket and ``!settled``: queued in front of
+        those queued since, if that grace period is still on (a resume
+        waits until this has run); else passed on as :meth:`forward` does.
+        Answers how many were passed on.
+        """
+        return self._execute("settle", peer_id, self.node, conn, *[f.decode("utf-8") for f in frames])
 
     def peers(self):
         return then(self._execute("peers"), _peers)
@@ -630,17 +648,26 @@ class RedisRegistry(RedisRules, Service):
     def _settle(self, peer_id, limbo):
         if limbo.timer is not None and limbo.timer.active():
             limbo.timer.cancel()
-        if limbo.frames:
-            self._pass_on(peer_id, limbo.frames, front=True)
+        frames = limbo.frames
+        if not (frames and self._deliver_here(peer_id, frames)):
+            # (even with no frames: a resume waits for this hand-over)
+            self._lost_if_failed(self.settle(peer_id, limbo.conn, frames), peer_id, frames)
         limbo.done.callback(None)
 
-    def _pass_on(self, peer_id, frames, front=False):
+    def _pass_on(self, peer_id, frames):
         """Frames for a peer not connected here: to it if it is here again, else through Redis."""
-        if self._local.deliver_local(peer_id, frames[0]):
-            for frame in frames[1:]:
-                self._local.deliver_local(peer_id, frame)
-            return
-        d = self.forward(peer_id, frames, front)
+        if not self._deliver_here(peer_id, frames):
+            self._lost_if_failed(self.forward(peer_id, frames), peer_id, frames)
+
+    def _deliver_here(self, peer_id, frames) -> bool:
+        """Deliver ``frames`` if ``peer_id`` is connected here (again); return whether it is."""
+        if not self._local.deliver_local(peer_id, frames[0]):
+            return False
+        for frame in frames[1:]:
+            self._local.deliver_local(peer_id, frame)
+        return True
+
+    def _lost_if_failed(self, d, peer_id, frames):
         d.addErrback(lambda f: self._log.warn(
             "redis: {count} messages for peer {peer} lost: {why}",
             count=len(frames), peer=peer_id, why=f.getErrorMessage(),
@@ -664,20 +691,34 @@ class RedisRegistry(RedisRules, Service):
     def resume(self, peer_id, ip, at, conn):
         """
         As :meth:`RedisRules.resume`.  Frames published to this node for the
-        peer while the script runs wait, and follow the queued ones.
+        peer while the script runs wait, and follow the queued ones.  While
+        the node that lost its socket has not handed over what reached it
+        then (``SETTLING``: about a round trip, at most 2 s if that node
+        died), the script is run again, 2 ms later, then 4, 8, ... up to
+        100 ms apart.
         """
         waiting = self._resuming[peer_id] = _Limbo(conn)
+        result: defer.Deferred = defer.Deferred()
+        pause = [0.002]
+
+        def attempt():
+            RedisRules.resume(self, peer_id, ip, at, conn).addCallbacks(done, failed)
 
         def done(outcome):
-            self._resuming.pop(peer_id, None)
             kind, frames = outcome
-            return kind, frames + waiting.frames
+            if kind is SETTLING:
+                self.clock.callLater(pause[0], attempt)
+                pause[0] = min(pause[0] * 2, 0.1)
+                return
+            self._resuming.pop(peer_id, None)
+            result.callback((kind, frames + waiting.frames))
 
         def failed(failure):
             self._resuming.pop(peer_id, None)
-            return failure
+            result.errback(failure)
 
-        return RedisRules.resume(self, peer_id, ip, at, conn).addCallbacks(done, failed)
+        attempt()
+        return result
 
     def _message(self, message: bytes):
         head, _, payload = message.partition(b"\n")

@@ -358,6 +358,77 @@ class RegistryResume(RegistryLiveness):
         kind, frames = yield c.resume("a1")
         self.assertEqual(frames, [offer(0), offer(1)])
 
+    def hold_settled(self, node):
+        """Keep ``node`` from acting on ``!settled`` until the returned release() (it has not read it yet)."""
+        held, arrived = [], Deferred()
+        original = node.registry._settled
+
+        def hold(peer_id, conn):
+            held.append((peer_id, conn))
+            if not arrived.called:
+                arrived.callback(None)
+
+        node.registry._settled = hold
+
+        def release():
+            node.registry._settled = original
+            for peer_id, conn in held:
+                original(peer_id, conn)
+
+        return arrived, release
+
+    @inlineCallbacks
+    def test_a_resume_elsewhere_waits_for_the_frames_held_at_the_loss(self):
+        """
+        A peer that resumes on another node before its old node has handed
+        over the frames that reached it at the loss (!settled not yet acted
+        on) waits for them: it gets them first, then those queued since,
+        none after.
+        """
+        a, c = yield self.pair_across()
+        arrived, release = self.hold_settled(a)
+        a.lose("a1")
+        a.registry._message(b"a1\n" + frame(offer(0)))  # published before the suspend ran
+        yield arrived  # Redis has put a1 in grace; node a has not handed offer 0 over
+        yield c.registry.route("a1", frame(offer(1)))  # queued in Redis
+        resumed = c.resume("a1")
+        yield c.registry.peers()  # (answered after the resume's first attempt, on the same connection)
+        self.assertFalse(resumed.called)
+        self.assertEqual(self.stored("a1")["o"], 0)  # nothing changed by the attempt
+        release()
+        yield a.registry.peers()  # (after the hand-over, on a's connection)
+        while not resumed.called:
+            c.clock.advance(0.002)
+            yield c.registry.peers()
+        kind, frames = resumed.result
+        self.assertEqual(frames, [offer(0), offer(1)])
+        self.assertNotIn("h", self.stored("a1"))
+        yield c.registry.route("a1", frame(offer(2)))
+        self.assertEqual(c.delivered, [])  # (c's test node records deliveries; a1 is c's now: published to c)
+        while not c.delivered:
+            yield c.delivery()
+        self.assertEqual(c.delivered, [("a1", offer(2))])
+
+    @inlineCallbacks
+    def test_a_resume_waits_no_longer_than_the_hand_over_deadline(self):
+        """If the old node never hands over (it died), the resume goes ahead once the deadline (2 s) is past."""
+        a, c = yield self.pair_across()
+        arrived, _ = self.hold_settled(a)  # never released
+        a.lose("a1")
+        yield arrived
+        yield c.registry.route("a1", frame(offer(1)))
+        resumed = c.resume("a1")
+        yield c.registry.peers()
+        self.assertFalse(resumed.called)
+        stored = self.stored("a1")
+        stored["h"] = 1  # (Redis's clock cannot be faked: the deadline moved into the past)
+        self.redis.hset(PREFIX + "peers", "a1", json.dumps(stored))
+        while not resumed.called:
+            c.clock.advance(0.1)
+            yield c.registry.peers()
+        kind, frames = resumed.result
+        self.assertEqual(frames, [offer(1)])
+
     @inlineCallbacks
     def test_frames_reaching_a_node_the_peer_left_are_passed_on(self):
         """A frame that reaches a node for a peer that moved to another node is published to that node."""

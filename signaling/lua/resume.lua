@@ -1,6 +1,8 @@
 -- ARGV: id, node, ip, at, connection: a connection to node presented a
 -- valid resume token for id -> {'resumed', queued frames...} if it was in
--- its grace period; {'moved'} if it was still held by another connection
+-- its grace period; {'settling'} if it is, but the node that suspended it
+-- has not yet handed over the messages held at the loss (suspend: try
+-- again shortly; nothing else changed); {'moved'} if it was still held by another connection
 -- (which gets '!evict:<its connection>' on its node's channel and is closed
 -- there without ending the session); {'new'} if it was gone (the same id,
 -- idle again).  The node's heartbeat is recorded, as with add.
@@ -12,8 +14,10 @@ if not p then
   redis.call('SADD', P .. 'node:' .. node, id)
   return {'new'}
 end
+-- the node that lost its socket has not handed over what reached it then
+if p.o == 0 and p.h and now_ms() < p.h then return {'settling'} end
 local was_offline, old_node, old_conn = p.o == 0, p.n, p.c
-p.o = nil; p.n = node; p.c = ARGV[9]; p.ip = ARGV[7]
+p.o = nil; p.h = nil; p.n = node; p.c = ARGV[9]; p.ip = ARGV[7]
 put(id, p)
 redis.call('SADD', P .. 'node:' .. node, id)
 if was_offline then
