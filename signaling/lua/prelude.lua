@@ -64,6 +64,19 @@ local function send(id, p, frame)
   end
   return redis.call('PUBLISH', P .. 'to:' .. p.n, id .. '\n' .. frame)
 end
+-- @part pass_on (needs send)
+-- frames ARGV[first] onwards for a peer not connected to the calling node:
+-- queued if it is in its grace period, published to its node if that is
+-- another one, else dropped -> how many were passed on
+local function pass_on(id, p, node, first)
+  local n = 0
+  if p.o == 0 then
+    for i = first, #ARGV do if send(id, p, ARGV[i]) > 0 then n = n + 1 end end
+  elseif p.n ~= node then
+    for i = first, #ARGV do redis.call('PUBLISH', P .. 'to:' .. p.n, id .. '\n' .. ARGV[i]); n = n + 1 end
+  end
+  return n
+end
 -- @part suspend (needs put now_ms)
 -- begin a peer's grace period (its socket was lost) -> its deadline (Redis ms)
 local function suspend(id, p)

@@ -1,3 +1,4 @@
+-- @needs get put pass_on
 -- ARGV: id, the calling node, the connection whose loss began the grace
 -- period, then frames: the messages that reached the node for the peer
 -- between that loss and '!settled' (see suspend) -> how many were passed
@@ -7,17 +8,10 @@
 local id = ARGV[5]
 local p = get(id)
 if not p then return 0 end
-local n = 0
-if p.o == 0 and p.c == ARGV[7] then
-  for i = #ARGV, 8, -1 do
-    redis.call('LPUSH', P .. 'q:' .. id, ARGV[i])
-    redis.call('INCRBY', P .. 'qb:' .. id, #ARGV[i])
-    n = n + 1
-  end
-  if p.h then p.h = nil; put(id, p) end
-elseif p.o == 0 then
-  for i = 8, #ARGV do if send(id, p, ARGV[i]) > 0 then n = n + 1 end end
-elseif p.n ~= ARGV[6] then
-  for i = 8, #ARGV do redis.call('PUBLISH', P .. 'to:' .. p.n, id .. '\n' .. ARGV[i]); n = n + 1 end
+if not (p.o == 0 and p.c == ARGV[7]) then return pass_on(id, p, ARGV[6], 8) end
+for i = #ARGV, 8, -1 do
+  redis.call('LPUSH', P .. 'q:' .. id, ARGV[i])
+  redis.call('INCRBY', P .. 'qb:' .. id, #ARGV[i])
 end
-return n
+if p.h then p.h = nil; put(id, p) end
+return #ARGV - 7
