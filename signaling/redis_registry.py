@@ -617,8 +617,9 @@ class RedisRegistry(RedisRules, Service):
         """
         As :meth:`RedisRules.suspend`; frames that reach this node for the
         peer until Redis has put it in grace are held and queued again, in
-        front (see :class:`_Limbo`).  Fires once that is settled; the grace
-        period is ended by this node when due (by the reaper if it dies).
+        front (see :class:`_Limbo`).  Fires once Redis's answer is handled
+        and the hand-over done (``settle``); the grace period is ended by this node when due (by
+        the reaper if it dies).
         """
         previous = self._limbo.pop(peer_id, None)
         if previous is not None:
@@ -636,8 +637,11 @@ class RedisRegistry(RedisRules, Service):
             self._log.warn("peer {peer} not put in grace: {why}", peer=peer_id, why=failure.getErrorMessage())
             self._settled(peer_id, conn)
 
-        RedisRules.suspend(self, peer_id, conn, ip).addCallbacks(suspended, failed)
-        return limbo.done
+        answered = RedisRules.suspend(self, peer_id, conn, ip).addCallbacks(suspended, failed)
+        # (Redis writes !settled to the subscriber before the script's answer:
+        # the grace period's timer is set when the answer is handled)
+        both = defer.gatherResults([limbo.done, answered], consumeErrors=True)
+        return both.addCallback(lambda _: None)
 
     def _settled(self, peer_id, conn):
         limbo = self._limbo.get(peer_id)
@@ -649,10 +653,12 @@ class RedisRegistry(RedisRules, Service):
         if limbo.timer is not None and limbo.timer.active():
             limbo.timer.cancel()
         frames = limbo.frames
-        if not (frames and self._deliver_here(peer_id, frames)):
-            # (even with no frames: a resume waits for this hand-over)
-            self._lost_if_failed(self.settle(peer_id, limbo.conn, frames), peer_id, frames)
-        limbo.done.callback(None)
+        if frames and self._deliver_here(peer_id, frames):
+            limbo.done.callback(None)
+            return
+        # (even with no frames: a resume waits for this hand-over)
+        handed = self._lost_if_failed(self.settle(peer_id, limbo.conn, frames), peer_id, frames)
+        handed.addBoth(lambda _: limbo.done.callback(None))
 
     def _pass_on(self, peer_id, frames):
         """Frames for a peer not connected here: to it if it is here again, else through Redis."""
@@ -668,7 +674,7 @@ class RedisRegistry(RedisRules, Service):
         return True
 
     def _lost_if_failed(self, d, peer_id, frames):
-        d.addErrback(lambda f: self._log.warn(
+        return d.addErrback(lambda f: self._log.warn(
             "redis: {count} messages for peer {peer} lost: {why}",
             count=len(frames), peer=peer_id, why=f.getErrorMessage(),
         ))
