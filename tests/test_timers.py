@@ -50,12 +50,33 @@ def test_a_deadline_on_a_slot_boundary_runs_at_it():
     assert ran == ["ping"]
 
 
-def test_one_slot_is_one_delayed_call():
+def test_one_delayed_call_in_all():
+    """However many slots, the reactor holds one timed call, for the earliest; an earlier deadline moves it."""
     clock = clock_at()
     timer = SlotTimer(clock, RESOLUTION)
     for i in range(100):
-        timer.call_later(1.0 + RESOLUTION / 4 + i * RESOLUTION / 200, lambda: None)
+        timer.call_later(1.0 + i * RESOLUTION * 3, lambda: None)
     assert len(clock.getDelayedCalls()) == 1 and timer.pending() == 100
+    ran = []
+    timer.call_later(0.5, ran.append, "sooner")
+    (call,) = clock.getDelayedCalls()
+    assert call.getTime() == clock.seconds() + 0.5
+    clock.advance(0.5)
+    assert ran == ["sooner"] and len(clock.getDelayedCalls()) == 1
+
+
+def test_a_deadline_set_by_a_deadline_for_later_keeps_the_earlier_slots_on_time():
+    clock = clock_at()
+    timer = SlotTimer(clock, RESOLUTION)
+    ran = []
+    timer.call_later(1, lambda: timer.call_later(5, ran.append, "late"))
+    timer.call_later(2, lambda: ran.append(("two", clock.seconds())))
+    start = clock.seconds()
+    clock.advance(1)
+    clock.advance(1)
+    assert ran == [("two", start + 2)]
+    clock.advance(4)
+    assert ran[-1] == "late"
 
 
 def test_a_failing_call_does_not_stop_the_others_of_its_slot():
@@ -98,8 +119,9 @@ def test_a_slot_whose_deadlines_are_all_cancelled_leaves_no_timed_call():
     b = timer.call_later(1, lambda: None)
     c = timer.call_later(3, lambda: None)
     a.cancel()
-    assert len(clock.getDelayedCalls()) == 2 and timer.pending() == 2
+    assert len(clock.getDelayedCalls()) == 1 and timer.pending() == 2
     b.cancel()
+    assert len(clock.getDelayedCalls()) == 1 and timer.pending() == 1  # (the slot at 1 s, forgotten, is skipped)
     c.cancel()
     assert clock.getDelayedCalls() == [] and timer.pending() == 0
     ran = []
