@@ -618,8 +618,8 @@ class RedisRegistry(RedisRules, Service):
         As :meth:`RedisRules.suspend`; frames that reach this node for the
         peer until Redis has put it in grace are held and queued again, in
         front (see :class:`_Limbo`).  Fires once Redis's answer is handled
-        and the hand-over done (``settle``); the grace period is ended by this node when due (by
-        the reaper if it dies).
+        and the hand-over done (``settle``); the grace period is ended by
+        this node when due (by the reaper if it dies).
         """
         previous = self._limbo.pop(peer_id, None)
         if previous is not None:

@@ -2,10 +2,10 @@
 -- valid resume token for id -> {'resumed', queued frames...} if it was in
 -- its grace period; {'settling'} if it is, but the node that suspended it
 -- has not yet handed over the messages held at the loss (suspend: try
--- again shortly; nothing else changed); {'moved'} if it was still held by another connection
--- (which gets '!evict:<its connection>' on its node's channel and is closed
--- there without ending the session); {'new'} if it was gone (the same id,
--- idle again).  The node's heartbeat is recorded, as with add.
+-- again shortly; nothing else changed); {'moved'} if it was still held by
+-- another connection (which gets '!evict:<its connection>' on its node's
+-- channel and is closed there without ending the session); {'new'} if it
+-- was gone (the same id, idle again).  The node's heartbeat is recorded, as with add.
 local id, node = ARGV[5], ARGV[6]
 beat(node)
 local p = get(id)
