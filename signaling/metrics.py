@@ -28,6 +28,7 @@ import platform
 import time
 from bisect import bisect_left
 from collections import Counter
+from itertools import islice
 from typing import Any, Callable, Dict, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, generate_latest
@@ -273,9 +274,26 @@ def _histogram(name, doc, histogram: Histogram):
 FD_INTERVAL = 5.0
 
 
+def open_fds_by_stat(proc: str = "/proc/self") -> Optional[int]:
+    """
+    This process's open file descriptors as Linux 6.2 and later give them:
+    the size ``stat`` reports for ``/proc/PID/fd`` (the kernel counts its
+    descriptor table's bits: microseconds, whatever the count).  None where
+    that size is 0 (older kernels) or there is no ``/proc``.
+    """
+    try:
+        return os.stat(proc + "/fd").st_size or None
+    except OSError:
+        return None
+
+
 def count_open_fds() -> int:
-    """This process's open file descriptors (the kernel lists them: O(descriptors))."""
-    return len(os.listdir("/proc/self/fd"))
+    """
+    This process's open file descriptors: by :func:`open_fds_by_stat`, or
+    else by listing them (O(descriptors): 9 ms with 10,000 connections, and
+    the listing takes and drops the GIL at every entry: run it in a thread).
+    """
+    return open_fds_by_stat() or len(os.listdir("/proc/self/fd"))
 
 
 class ProcessMetrics:
@@ -384,6 +402,20 @@ def exposition(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
+#: metric families exposed per step of a capture of ``/metrics``
+FAMILIES_PER_STEP = 4
+
+
+class _Families:
+    """A collector of the metric families given (a few of a collector's, exposed in one step)."""
+
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self) -> list:
+        return self.families
+
+
 class ServerMetrics:
     """
     The metrics of one server process, as the web routes serve them:
@@ -419,7 +451,7 @@ class ServerMetrics:
         self.process = ProcessMetrics(clock, count_fds)
         members = collectors(self.collector, self.process)
         self.prometheus = registry_of(*members)
-        self._parts = [registry_of(member) for member in members]  # the exposition is made one a step
+        self._members = members  # (the exposition is made a few families a step)
         self.expositions = Captures(clock, self._capture_exposition, interval, slicer=self.stats.slicer)
         self.dashboards = Captures(clock, self._capture_dashboard, interval, slicer=self.stats.slicer)
 
@@ -487,13 +519,21 @@ class ServerMetrics:
         return self.stats.slicer.run(self._exposition_in_steps())
 
     def _exposition_in_steps(self):
-        """The exposition, a collector a step (the whole takes 0.3 to 1 ms: a slice or a few)."""
+        """
+        The exposition, :data:`FAMILIES_PER_STEP` metric families a step
+        (about 20 us each; the whole is 0.5 to 1 ms, too long for one turn).
+        """
         yield self.refresh()
         self.process.refresh()
         parts = []
-        for registry in self._parts:
-            parts.append(generate_latest(registry))
-            yield
+        for member in self._members:
+            families = iter(member.collect())
+            while True:
+                some = list(islice(families, FAMILIES_PER_STEP))
+                if not some:
+                    break
+                parts.append(generate_latest(_Families(some)))
+                yield
         return Body.of(b"".join(parts), CONTENT_TYPE_LATEST.encode("ascii"))
 
     def _capture_dashboard(self):

@@ -24,13 +24,13 @@ from signaling.gcpolicy import GenerationalFreeze
 from signaling.httpguard import GuardedSite
 from signaling.listening import ListenService, cannot_listen, endpoint_error, make_endpoint
 from signaling.logs import is_json_observer_factory, json_log_observer_factory
-from signaling.metrics import ServerMetrics, count_open_fds
+from signaling.metrics import ServerMetrics, count_open_fds, open_fds_by_stat
 from signaling.peerjs_protocol import serve_peerjs
 from signaling.protocol import SignalingFactory
 from signaling.registry import Registry
 from signaling.service import SignalingService, log_summary
 from signaling.settings import Settings
-from signaling.stats import StatsCache
+from signaling.stats import Slicer, StatsCache
 from signaling.tokens import read_or_create_secret, read_secret
 from signaling.turn import MAX_TTL, MIN_TTL, IceServers, check_uri, read_secrets
 from signaling.web import STATS_BURST, STATS_RATE, SignalingWeb, WebSocketTakeover
@@ -545,8 +545,15 @@ def _in_thread(reactor, function):
 
 
 def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedSite:
-    stats = StatsCache(registry, reactor, hide_ip=bool(options["stats-hide-ip"]), rooms=getattr(factory, "yjs", None))
-    metrics = ServerMetrics(factory, registry, reactor, stats=stats, count_fds=_in_thread(reactor, count_open_fds))
+    # The stats' background work (captures in slices, bodies written a
+    # little a turn) lets the relays the last poll's events sent go out first.
+    urgent = factory.writes.flush
+    stats = StatsCache(registry, reactor, hide_ip=bool(options["stats-hide-ip"]), rooms=getattr(factory, "yjs", None),
+                       slicer=Slicer(reactor, first=urgent))
+    # (where stat counts the descriptors at once, no thread: a thread listing
+    # 10,000 of them contends for the GIL with the reactor for milliseconds)
+    count_fds = None if open_fds_by_stat() is not None else _in_thread(reactor, count_open_fds)
+    metrics = ServerMetrics(factory, registry, reactor, stats=stats, count_fds=count_fds)
     web = SignalingWeb(
         registry,
         WebSocketTakeover(factory),
@@ -561,6 +568,7 @@ def make_site(options: SignalingOptions, registry, factory, reactor) -> GuardedS
         metrics=metrics,
         peerjs=getattr(factory, "peerjs", None),
         stats=stats,
+        urgent=urgent,
     )
     site = metrics.site = GuardedSite(
         web.resource(), reactor,

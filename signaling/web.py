@@ -23,7 +23,7 @@ import json
 import re
 from collections import deque
 from importlib import resources
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 from urllib.parse import parse_qs
 from uuid import uuid4
 
@@ -117,9 +117,10 @@ class WriteBudget:
     for the next turn, first come first served.
     """
 
-    def __init__(self, clock, per_turn: int = WRITE_PER_TURN):
+    def __init__(self, clock, per_turn: int = WRITE_PER_TURN, first: Callable[[], None] = lambda: None):
         self.clock = clock
         self.per_turn = per_turn
+        self.first = first  # (the relays' write batch: see Slicer's)
         self.left = per_turn
         self.waiting: List["_Chunks"] = []
         self._call = None
@@ -143,6 +144,7 @@ class WriteBudget:
 
     def _turn(self) -> None:
         self._call = None
+        self.first()
         self.left = self.per_turn
         ready, self.waiting = deque(self.waiting), []
         while ready:  # a chunk each in turn, until the budget is spent (then they wait again, in order)
@@ -360,6 +362,8 @@ class SignalingWeb:
         ``/api/dashboard`` per second to one client address, on average;
         the requests past it wait their turn (0: no pacing).
     :param stats_burst: how many of those one address gets at once.
+    :param urgent: what must go out before the bodies' writes in a turn
+        (the relays' ``WriteBatch.flush``; :class:`WriteBudget`).
     """
 
     app = Klein()
@@ -368,7 +372,7 @@ class SignalingWeb:
 
     def __init__(self, registry, ws_resource=None, stats_token=None, hide_ip=False, stats_origins=(),
                  ice_servers=NO_ICE_SERVERS, admission=None, clock=None, metrics=None, stats=None,
-                 stats_rate=STATS_RATE, stats_burst=STATS_BURST, peerjs=None):
+                 stats_rate=STATS_RATE, stats_burst=STATS_BURST, peerjs=None, urgent=lambda: None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.registry = registry
@@ -383,7 +387,7 @@ class SignalingWeb:
         self.clock = clock
         self._ice_buckets = AddressBuckets(clock, ICE_SERVERS_RATE, ICE_SERVERS_BURST)
         self.stats_pace = Pacer(clock, stats_rate, stats_burst)
-        self.write_budget = WriteBudget(clock)
+        self.write_budget = WriteBudget(clock, first=urgent)
         self.ws_resource = ws_resource
         self.stats_token = stats_token
         self.hide_ip = hide_ip

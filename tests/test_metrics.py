@@ -228,3 +228,26 @@ def test_other_wire_formats_by_protocol_in_metrics_and_stats():
     assert value(fams, "signaling_connections", protocol="peerjs") == 0
     assert value(fams, "signaling_connections", protocol="yjs") == 0
     assert value(fams, "signaling_connections", protocol="native") == 1
+
+
+def test_open_descriptors_are_counted_exactly():
+    """process_open_fds: opening descriptors raises the count by as many (by stat on Linux 6.2+, else listed)."""
+    import os
+    import sys
+
+    from signaling.metrics import count_open_fds, open_fds_by_stat
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc is Linux's")
+    before = count_open_fds()
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(37)]
+    try:
+        assert count_open_fds() == before + 37
+        by_stat = open_fds_by_stat()
+        if by_stat is not None:  # (the listing counts its own descriptor on the directory too)
+            assert by_stat == len(os.listdir("/proc/self/fd")) - 1 == before + 37
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert count_open_fds() == before
+    assert open_fds_by_stat("/nonexistent") is None
