@@ -13,8 +13,9 @@ Processes: the installed server pinned to core 0 (``bench/_server.py``,
 its measured configuration); on core 1 the load generator holding the idle
 users (``loadgen.py idle``), the one measuring the pairs (``loadgen.py
 rate``), and the pollers (this file, ``poll``), SCHED_IDLE
-(``--poller-sched``) so that the pairs' generator runs first.  ``--churn R`` adds users opening and closing R
-times a second during every phase, so that the registry keeps changing.
+(``--poller-sched``) so that the pairs' generator runs first.  ``--churn
+R`` adds users opening and closing R times a second during every phase, so
+that the registry keeps changing.
 
 Poller forms:
 
@@ -139,7 +140,8 @@ def poll_cli(argv):
     parser.add_argument("--pollers", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of each phase")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every phase, interleaved")
-    parser.add_argument("--sched", choices=("idle", "nice"), default="idle")
+    parser.add_argument("--sched", choices=("idle", "nice"), default="idle",
+                        help="SCHED_IDLE, or only niced (the benchmark's --poller-sched)")
     args = parser.parse_args(argv)
     if args.pollers > 64 or args.seconds > 120:
         parser.error("bounded: --pollers <= 64, --seconds <= 120")

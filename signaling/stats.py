@@ -233,9 +233,9 @@ class Slicer:
     back in, or its failure thrown in); what it returns fires the Deferred
     :meth:`run` gave.  A turn runs steps of the jobs in turn (round robin)
     until it has spent ``budget`` seconds (it always takes ``min_steps``
-    steps, so a small job ends in the turn it began), then leaves the rest
-    for the next reactor turn (``callLater(0)``: the reactor polls its
-    sockets first).
+    steps: with more than one, a small job ends in the turn it began), then
+    leaves the rest for the next reactor turn (``callLater(0)``: the
+    reactor polls its sockets first).
 
     :param clock: ``callLater`` (the reactor, or a fake clock).
     :param timer: what the budget is measured with (a fake in tests).
