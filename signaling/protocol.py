@@ -287,6 +287,15 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
             delivered = partner.send(messages.encode(messages.relay(message.type, sender, message.data)))
             self._relayed(delivered, message, sender, len(payload), self._read_at)
             return
+        factory = self.factory
+        if (
+            factory.cluster is not None and not self._busy and message.type in _CHECKED
+            and message.to not in factory.connections and "/" not in message.to
+        ):
+            # the commonest in a cluster: one to a peer elsewhere, with
+            # nothing of this peer's pending: sent on now, as _process would
+            self._relay_across(message, len(payload), self._read_at)
+            return
         self._enqueue(self._process, message, len(payload))
 
     def connectionLost(self, reason=connectionDone):
@@ -605,18 +614,7 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
                 payload = messages.encode(messages.relay(message.type, sender, message.data))
                 return self._relayed(partner.send(payload), message, sender, size, started)
             if factory.cluster is not None and message.to not in factory.connections:
-                # a peer elsewhere: the check and the publish in one
-                # script, not waited for: the registry runs this node's
-                # operations in the order they are called, so what this
-                # peer sends next reaches Redis after it (docs/cluster.rst)
-                sender = self.peer_id
-                payload = messages.encode(messages.relay(message.type, sender, message.data))
-                factory.registry.check_and_route(sender, message.to, payload).addCallbacks(
-                    self._relayed,
-                    self._refused,
-                    callbackArgs=(message, sender, size, started),
-                    errbackArgs=(message,),
-                )
+                self._relay_across(message, size, started)
                 return None
         elif operation_name == "disconnect":
             self._unlink()  # before the registry ends the pairing: from now on relays are checked there
@@ -637,6 +635,27 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
                 errbackArgs=(message,),
             )
         return self._relay(result, message, sender, size, started, link)
+
+    def _relay_across(self, message: messages.Message, size: int, started: float) -> None:
+        """
+        Relay to a peer elsewhere: the check and the publish in one script
+        (with the other relays of this turn), not waited for: the registry
+        runs this node's operations in the order they are called, so what
+        this peer sends next reaches Redis after it (docs/cluster.rst).
+        """
+        sender = self.peer_id
+        payload = messages.encode(messages.relay(message.type, sender, message.data))
+        self.factory.registry.relay_across(sender, message.to, payload, self._answered, message, sender, size, started)
+
+    def _answered(self, outcome, message: messages.Message, sender: Optional[str], size: int, started: float) -> None:
+        """What the registry answered for a relay across nodes (:meth:`_relay_across`)."""
+        if isinstance(outcome, Exception):
+            if isinstance(outcome, SignalingError):
+                self._error(outcome.code, outcome.message, message.type)
+            else:  # (a fault, which the registry logged)
+                self._error("internal-error", SERVER_FAULT, message.type)
+            return
+        self._relayed(outcome, message, sender, size, started)
 
     # -- links: the pairs of this process known paired, which relay without the registry --
 
@@ -1154,9 +1173,12 @@ class SignalingFactory(WebSocketServerFactory):
         return False
 
     def deliver_local(self, to: str, payload: bytes) -> bool:
-        """Send ``payload`` to ``to`` if it is connected to this process."""
+        """Send ``payload`` to ``to`` if it is connected to this process (held to the end of the turn, see writes)."""
         proto = self.connections.get(to)
-        return proto is not None and proto.send(payload)
+        if proto is None:
+            return False
+        self.writes.open()
+        return proto.send(payload)
 
     def local_peers(self):
         """(id, ip, connected_at, conn) of every open connection of this process."""

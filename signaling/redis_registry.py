@@ -27,7 +27,10 @@ Keys (``P`` is the prefix, ``signaling:`` by default):
 - ``P q:<id>``: list, the frames queued for a peer in its grace period;
 - ``P resume-secret``: the secret of resume tokens, if no node has its own;
 - channel ``P to:<node>``: messages for peers on ``<node>``, as
-  ``<peer id>\\n<frame>``, and the control messages ``<peer id>\\n!evict:<conn>``
+  ``<peer id>\\n<frame>``, or several frames as ``*`` and
+  ``<peer id>\\n<length>\\n<frame>`` for each (``check_and_route_many``:
+  the relays across nodes a node called in one reactor turn, one script
+  and one publish per node), and the control messages ``<peer id>\\n!evict:<conn>``
   (it resumed elsewhere: close that connection without ending the session)
   and ``<peer id>\\n!settled:<conn>`` (its grace period began: every message
   published to this node for it before then has arrived, and is handed over
@@ -131,6 +134,21 @@ def _delivered(receivers):
     return receivers > 0
 
 
+def _outcomes(reply, count: int):
+    """What check_and_route_many.lua answered, as :meth:`RedisRules.check_and_route_many` answers it."""
+    if type(reply) is not list or len(reply) != count:
+        raise ValueError(f"check_and_route_many answered {reply!r:.100} for {count} relays")
+    return [_delivered(answer) if type(answer) is int else refusal(_text(answer)) for answer in reply]
+
+
+def _settle(outcome, d: defer.Deferred) -> None:
+    """Fire ``d`` with what :meth:`RedisRegistry.relay_across` answered."""
+    if isinstance(outcome, Exception):
+        d.errback(outcome)
+    else:
+        d.callback(outcome)
+
+
 def _transitions(reply):
     """Turn a script's reply into transitions, or raise the refusal it names."""
     reply = [_text(x) for x in reply]
@@ -204,12 +222,25 @@ class RedisRules:
         the frame, or fails as ``check_paired`` would.
         """
 
-        def routed(reply):
-            if _text(reply[0]) != "":
-                _transitions(reply)  # raises the refusal
-            return _delivered(reply[1])
+        def routed(outcomes):
+            if isinstance(outcomes[0], SignalingError):
+                raise outcomes[0]
+            return outcomes[0]
 
-        return then(self._execute("check_and_route", sender, to, frame.decode("utf-8")), routed)
+        return then(self.check_and_route_many([(sender, to, frame)]), routed)
+
+    def check_and_route_many(self, relays):
+        """
+        :meth:`check_and_route` for each ``(sender, to, frame)`` of
+        ``relays``, in order, as one script: answers a list with, for each,
+        what ``check_and_route`` answers or the refusal it would raise (a
+        :class:`~signaling.errors.SignalingError`, returned).  The frames
+        for one node's peers go in one publish.
+        """
+        args: list = []
+        for sender, to, frame in relays:
+            args += (sender, to, frame)
+        return then(self._execute("check_and_route_many", *args), lambda reply: _outcomes(reply, len(relays)))
 
     def route(self, to, frame: bytes):
         """
@@ -389,6 +420,7 @@ class RedisRegistry(RedisRules, Service):
         self.channel_handler = None
         #: called with the subscriber connection whenever it is (re)connected and this node's channel subscribed
         self.subscriber_hooks = []
+        self._relays = None  # (sender, to, frame, answer, args) held in this turn (relay_across)
 
     def attach(self, local) -> None:
         """Deliver to, and register, the peers of ``local`` (an :class:`~signaling.registry.ILocalPeers`)."""
@@ -507,6 +539,8 @@ class RedisRegistry(RedisRules, Service):
 
     def _run(self, name, *args):
         """Run one script; fail fast with Unavailable when Redis is unreachable."""
+        if self._relays:  # (relays held in this turn were called first: they run first)
+            self._flush_relays()
         if not self._reachable():
             self._lost()
             return defer.fail(Unavailable(CLUSTER_UNREACHABLE))
@@ -527,6 +561,56 @@ class RedisRegistry(RedisRules, Service):
         if failure.check(ConnectionLost):
             self._lost()
         raise Unavailable(CLUSTER_UNREACHABLE)
+
+    def relay_across(self, sender, to, frame: bytes, answer, *args) -> None:
+        """
+        :meth:`~RedisRules.check_and_route`, answered to ``answer(outcome,
+        *args)`` (``IClusterRegistry.relay_across``).  The relays called in
+        one reactor turn (up to :attr:`RELAY_BATCH`) are checked and
+        published together (:meth:`~RedisRules.check_and_route_many`): one
+        command and one answer for them all, one publish for each node's
+        frames.  They are sent at the end of the turn, or before this
+        node's next operation if that comes first, so Redis still runs this
+        node's operations in the order they were called.
+        """
+        if not self._reachable():
+            self._lost()
+            answer(Unavailable(CLUSTER_UNREACHABLE), *args)
+            return
+        held = self._relays
+        if held is None:
+            held = self._relays = []
+            self.reactor.callLater(0, self._flush_relays)
+        held.append((sender, to, frame, answer, args))
+        if len(held) >= self.RELAY_BATCH:
+            self._flush_relays()
+
+    def check_and_route(self, sender, to, frame: bytes) -> defer.Deferred:
+        """As :meth:`relay_across`, answering a Deferred (that fails with a refusal)."""
+        d: defer.Deferred = defer.Deferred()
+        self.relay_across(sender, to, frame, _settle, d)
+        return d
+
+    #: relays that go to Redis as one script, at most (Redis spends about 3 us on each)
+    RELAY_BATCH = 64
+
+    def _flush_relays(self) -> None:
+        held, self._relays = self._relays, None
+        if held:
+            d = self.check_and_route_many([relay[:3] for relay in held])
+            d.addCallbacks(self._relays_answered, self._relays_failed, callbackArgs=(held,), errbackArgs=(held,))
+
+    def _relays_answered(self, outcomes, held) -> None:
+        for (_, _, _, answer, args), outcome in zip(held, outcomes):
+            try:
+                answer(outcome, *args)
+            except Exception:  # (one caller's fault must not cost the others their answers)
+                self._log.failure("answering a relay failed")
+
+    def _relays_failed(self, failure, held) -> None:
+        if not failure.check(SignalingError):
+            self._log.failure("redis: relays failed", failure)
+        self._relays_answered([failure.value] * len(held), held)
 
     def route(self, to, frame: bytes):
         """As :meth:`RedisRules.route`; a failure (Redis unreachable) answers "not delivered"."""
@@ -727,6 +811,21 @@ class RedisRegistry(RedisRules, Service):
         return result
 
     def _message(self, message: bytes):
+        if message[:1] == b"*":  # several frames (check_and_route_many.lua): '<id>\n<length>\n<frame>' each
+            pos, end = 1, len(message)
+            try:
+                while pos < end:
+                    a = message.index(b"\n", pos)
+                    b = message.index(b"\n", a + 1)
+                    start = b + 1
+                    size = int(message[a + 1:b])
+                    if size < 0 or start + size > end:
+                        raise ValueError(size)
+                    to, pos = message[pos:a].decode("utf-8"), start + size
+                    self._frame(to, message[start:pos])
+            except ValueError:  # (UnicodeDecodeError too) no script of ours publishes that
+                self._log.warn("redis: an unreadable batch of frames on this node's channel; dropped the rest")
+            return
         head, _, payload = message.partition(b"\n")
         to = head.decode("utf-8")
         if payload[:1] == b"!":  # a control message (see the module's docstring)
@@ -736,6 +835,10 @@ class RedisRegistry(RedisRules, Service):
             elif kind == "evict":
                 self._local.evict(to, conn)
             return
+        self._frame(to, payload)
+
+    def _frame(self, to: str, payload: bytes) -> None:
+        """A frame published for peer ``to`` of this node."""
         waiting = self._limbo.get(to) or self._resuming.get(to)
         if waiting is not None:
             if len(waiting.frames) >= self.queue_limit or waiting.size + len(payload) > self.queue_bytes:

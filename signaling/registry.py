@@ -167,7 +167,7 @@ class IClusterRegistry(IRegistry, ISessions):
 
     Its operations take effect in the shared state in the order this node
     calls them, whether or not the caller waits for one's answer before
-    the next (the protocol does not wait for ``check_and_route``: what the
+    the next (the protocol does not wait for ``relay_across``: what the
     same peer sends next must still reach the shared state after it).
     """
 
@@ -191,8 +191,15 @@ class IClusterRegistry(IRegistry, ISessions):
         or ``signaling.errors.QUEUE_FULL``.
         """
 
-    def check_and_route(sender, to, frame):
-        """``check_paired`` and, if it passes, ``route``, in one step."""
+    def relay_across(sender, to, frame, answer, *args):
+        """
+        ``check_paired`` and, if it passes, ``route``, in one step, for a
+        relay to a peer on another node; then ``answer(outcome, *args)``
+        (now or later): ``outcome`` is what ``route`` answers, or the
+        exception it failed with (a ``SignalingError`` for a refusal; any
+        other is a fault, which the registry has logged).  A callback, not
+        a Deferred: this runs for every relay across nodes.
+        """
 
     def health():
         """

@@ -115,8 +115,10 @@ class Node:
     def route(self, to, frame):
         return self._send("route", to, frame)
 
-    def check_and_route(self, sender, to, frame):
-        return self._send("check_and_route", sender, to, frame)
+    def relay_across(self, sender, to, frame, answer, *args):
+        self._send("check_and_route", sender, to, frame).addCallbacks(
+            lambda outcome: answer(outcome, *args), lambda failure: answer(failure.value, *args)
+        )
 
     def peers(self):
         return self.world.registry.peers()

@@ -196,6 +196,26 @@ def test_frames_of_one_reactor_iteration_reach_a_peer_in_one_write():
     assert [m["data"]["sdp"] for m in a.take()] == ["x" * n for n in range(5)]
 
 
+def test_frames_from_other_nodes_reach_a_peer_in_one_write_a_turn():
+    """
+    What a cluster node's channel delivers to a peer of this process
+    (deliver_local) is held like a relay of its own: the frames of one
+    reactor turn go out in one write, in order, when the turn is done.
+    """
+    h = Harness(rate=0)
+    a = h.connect()
+    to_a = a.server.transport
+    writes = len(to_a.stream)
+    for n in range(4):
+        assert h.factory.deliver_local(a.peer_id, text({"type": "offer", "from": "elsewhere", "data": {"n": n}}))
+    assert not h.factory.deliver_local("nobody-here", b"{}")
+    assert len(to_a.stream) == writes  # held
+    h.clock.advance(0)  # the turn ends
+    assert len(to_a.stream) == writes + 1 and to_a.stream[-1].count(b"\x81") == 4
+    h.flush()
+    assert [m["data"]["n"] for m in a.take()] == [0, 1, 2, 3]
+
+
 def test_held_frames_go_before_a_close_frame():
     """A flooder's rate-limit errors reach it before the 1008 close frame, on both paths."""
     def flooded(fast):

@@ -187,6 +187,20 @@ class BothRegistries(RuleBasedStateMachine):
     def disconnect(self, a, b):
         self.step("disconnect", a, b)
 
+    @rule(relays=st.lists(st.tuples(NAMES, NAMES), min_size=1, max_size=6))
+    def relays_of_one_turn(self, relays):
+        """check_and_route_many (a cluster node's relays of one turn): each answered as check_paired would be."""
+        self.clock.advance(1)
+        expected = [answer(self.memory, "check_paired", a, b) for a, b in relays]
+        outcomes = self.rules.check_and_route_many([(a, b, b'{"type":"offer"}') for a, b in relays])
+        got = [
+            ("refused", type(o), o.message) if isinstance(o, SignalingError) else ("ok", [])
+            for o in outcomes
+        ]
+        assert got == expected, relays
+        assert all(isinstance(o, SignalingError) or o is False for o in outcomes)  # (no node listens here)
+        assert snapshot(self.rules) == snapshot(self.memory), relays
+
     @rule(data=st.data())
     def pong_a_waiting_peer(self, data):
         waiting = [p for p in self.memory.peers() if p.state == CONNECTING]

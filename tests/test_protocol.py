@@ -419,7 +419,7 @@ def test_open_connections_drop_handshake_state(h):
 
 def test_relay_to_a_peer_elsewhere_checks_and_routes_in_one_call():
     """
-    A registry shared with other nodes may offer check_and_route: offers,
+    A registry shared with other nodes offers relay_across: offers,
     answers and candidates for a peer not connected here use it (one round
     trip) instead of check_paired then route; local peers keep the local path.
     """
@@ -440,13 +440,14 @@ def test_relay_to_a_peer_elsewhere_checks_and_routes_in_one_call():
             calls.append(("route", to, json.loads(frame)))
             return succeed(True)
 
-        def check_and_route(self, sender, to, frame):
-            calls.append(("check_and_route", to, json.loads(frame)))
+        def relay_across(self, sender, to, frame, answer, *args):
+            calls.append(("relay_across", to, json.loads(frame)))
             try:
                 h.registry.check_paired(sender, to)
-            except SignalingError:
-                return fail()
-            return succeed(True)
+            except SignalingError as e:
+                answer(e, *args)
+            else:
+                answer(True, *args)
 
     h.factory.registry = Cluster()
     a, b, c = h.connect(), h.connect(), h.connect()
@@ -456,7 +457,7 @@ def test_relay_to_a_peer_elsewhere_checks_and_routes_in_one_call():
     h.send(a, {"type": "offer", "to": "remote", "data": {"sdp": "v=0"}})
     assert calls == [
         ("route", "remote", {"type": "ping", "from": a.peer_id, "data": {}}),
-        ("check_and_route", "remote", {"type": "offer", "from": a.peer_id, "data": {"sdp": "v=0"}}),
+        ("relay_across", "remote", {"type": "offer", "from": a.peer_id, "data": {"sdp": "v=0"}}),
     ]
     assert a.take() == []
     h.send(b, {"type": "answer", "to": "remote"})  # not paired with it: refused as check_paired would

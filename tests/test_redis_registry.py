@@ -17,11 +17,12 @@ import pytest
 import redis
 from redis_server import RedisServer
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks, succeed
+from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from signaling.errors import SignalingError
 from signaling.redis_registry import RedisRegistry
 from signaling.registry import IClusterRegistry, ILocalPeers
 
@@ -78,6 +79,14 @@ class Node:
         return d
 
     @inlineCallbacks
+    def deliveries(self, count):
+        """Fires once ``count`` frames have been delivered to this node."""
+        while len(self.delivered) < count:
+            d = Deferred()
+            self._waiting.append(d)
+            yield d
+
+    @inlineCallbacks
     def add(self, peer_id, conn=None):
         conn = conn or f"{peer_id}-conn"
         peer = yield self.registry.add(peer_id, "127.0.0.1", conn)
@@ -101,7 +110,9 @@ class Node:
         return self.registry._beating
 
 
-class RegistryLiveness(unittest.TestCase):
+class RedisNodes(unittest.TestCase):
+    """A redis-server of the test's own, and nodes started on it (:meth:`start`)."""
+
     timeout = 30  # seconds, for each test (trial's default is 120)
 
     def setUp(self):
@@ -129,6 +140,10 @@ class RegistryLiveness(unittest.TestCase):
     def stored(self, peer_id):
         raw = self.redis.hget(PREFIX + "peers", peer_id)
         return None if raw is None else json.loads(raw)
+
+
+class RegistryLiveness(RedisNodes):
+    """Heartbeats, the reaper, registration before admission."""
 
     @inlineCallbacks
     def test_registered_and_tracked_before_admitting_peers(self):
@@ -218,7 +233,7 @@ def frame(message):
     return json.dumps(message).encode("utf-8")
 
 
-class RegistryResume(RegistryLiveness):
+class RegistryResume(RedisNodes):
     """Grace periods in Redis: a peer whose socket was lost may resume on any node."""
 
     @inlineCallbacks
@@ -532,3 +547,140 @@ class RegistryResume(RegistryLiveness):
         self.assertEqual((snapshot.counts["users"], snapshot.counts["pairs"]), (100, 1))
         self.assertGreaterEqual(slicer.turns, 100 // 16 + 1)  # (parsing alone takes 100 / 16 steps)
         self.assertEqual(slicer.max_steps, 2)
+
+
+class RegistryRelays(RedisNodes):
+    """Relays across nodes: those called in one reactor turn run as one script, in the order they were called."""
+
+    @inlineCallbacks
+    def pair_up(self, **options):
+        """Nodes a and c; a1 and a2 on a, paired with c1 and c2 on c."""
+        a = yield self.start("a", **options)
+        c = yield self.start("c", **options)
+        for peer in ("a1", "a2"):
+            yield a.add(peer)
+        for peer in ("c1", "c2"):
+            yield c.add(peer)
+        for mine, theirs in (("c1", "a1"), ("c2", "a2")):
+            yield c.registry.ping(mine, theirs)
+            yield a.registry.pong(theirs, mine)
+        return a, c
+
+    def calls(self):
+        """How many times Redis ran a script and a publish (as its own command), so far."""
+        stats = self.redis.info("commandstats")
+        return tuple(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "publish"))
+
+    @inlineCallbacks
+    def test_one_turns_relays_are_one_script_and_one_publish_per_node(self):
+        """Six offers to two peers of another node, called in one turn: one EVALSHA, one PUBLISH; all in order."""
+        a, c = yield self.pair_up()
+        before = self.calls()
+        sent = [c.registry.check_and_route(f"c{1 + n % 2}", f"a{1 + n % 2}", frame(offer(n))) for n in range(6)]
+        results = yield gatherResults(sent)
+        self.assertEqual(results, [True] * 6)
+        self.assertEqual(self.calls(), (before[0] + 1, before[1] + 1))
+        yield a.deliveries(6)
+        self.assertEqual([(to, m["data"]["n"]) for to, m in a.delivered],
+                         [("a1", 0), ("a2", 1), ("a1", 2), ("a2", 3), ("a1", 4), ("a2", 5)])
+
+    @inlineCallbacks
+    def test_each_relay_of_a_script_gets_its_own_answer(self):
+        """In one script: a refused relay, a delivered one, one queued for a peer in grace, one past its queue."""
+        from signaling.errors import QUEUE_FULL, REFUSALS
+
+        a, c = yield self.pair_up(grace=15.0, queue_limit=1)
+        yield a.lose("a2")
+        sent = [
+            c.registry.check_and_route("c1", "a2", frame(offer(0))),  # c1 is paired with a1
+            c.registry.check_and_route("c1", "a1", frame(offer(1))),
+            c.registry.check_and_route("c2", "a2", frame(offer(2))),  # a2 is in grace: queued
+            c.registry.check_and_route("c2", "a2", frame(offer(3))),  # its queue holds 1
+        ]
+        results = yield DeferredList(sent, consumeErrors=True)
+        self.assertFalse(results[0][0])
+        kind, message = REFUSALS["not-paired"]
+        self.assertIsInstance(results[0][1].value, kind)
+        self.assertEqual(results[0][1].value.message, message)
+        self.assertEqual([r[1] for r in results[1:]], [True, True, QUEUE_FULL])
+        yield a.deliveries(1)
+        self.assertEqual([(to, m["data"]["n"]) for to, m in a.delivered], [("a1", 1)])
+        self.assertEqual([json.loads(f)["data"]["n"] for f in self.redis.lrange(PREFIX + "q:a2", 0, -1)], [2])
+
+    @inlineCallbacks
+    def test_a_relay_runs_before_the_operation_called_after_it(self):
+        """A relay then a disconnect, in one turn: the relay is checked first (delivered), not refused."""
+        a, c = yield self.pair_up()
+        relayed = c.registry.check_and_route("c1", "a1", frame(offer(0)))
+        ended = c.registry.disconnect("c1", "a1")
+        refused = c.registry.check_and_route("c1", "a1", frame(offer(1)))
+        self.assertIs((yield relayed), True)
+        yield ended
+        yield self.assertFailure(refused, SignalingError)  # (called after the disconnect: checked after it)
+        self.assertEqual((self.stored("c1")["s"], self.stored("a1")["s"]), ("idle", "idle"))
+        yield a.deliveries(1)
+        self.assertEqual(a.delivered, [("a1", offer(0))])
+
+    @inlineCallbacks
+    def test_a_turn_with_more_relays_than_a_script_takes(self):
+        """Past RELAY_BATCH relays in a turn, another script begins; everything still arrives, in order."""
+        a, c = yield self.pair_up()
+        count = 2 * c.registry.RELAY_BATCH + 3
+        before = self.calls()
+        sent = [c.registry.check_and_route("c1", "a1", frame(offer(n))) for n in range(count)]
+        self.assertEqual((yield gatherResults(sent)), [True] * count)
+        self.assertEqual(self.calls()[0], before[0] + 3)
+        yield a.deliveries(count)
+        self.assertEqual([m["data"]["n"] for _, m in a.delivered], list(range(count)))
+
+    @inlineCallbacks
+    def test_an_unreadable_batch_is_dropped_and_the_channel_goes_on(self):
+        """A '*' message that is not what the script publishes is dropped (logged), and later frames still arrive."""
+        a, c = yield self.pair_up()
+        channel = PREFIX + "to:a"
+        for bad in (b"*a1\n999\n{}", b"*a1\nx\n{}", b"*a1", b"*a1\n-1\n{}", b"*\xff\n2\n{}"):
+            self.redis.publish(channel, bad)
+        relayed = yield c.registry.check_and_route("c1", "a1", frame(offer(7)))
+        self.assertIs(relayed, True)
+        yield a.deliveries(1)
+        self.assertEqual(a.delivered, [("a1", offer(7))])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    @inlineCallbacks
+    def test_relays_held_when_redis_goes_are_each_answered_unavailable(self):
+        """Relays held for the end of the turn when the connection drops each get Unavailable; later ones at once."""
+        from signaling.errors import Unavailable
+
+        a, c = yield self.pair_up()
+        answers = []
+        for n in range(3):
+            c.registry.relay_across("c1", "a1", frame(offer(n)), lambda outcome, n: answers.append((n, outcome)), n)
+        self.assertEqual(answers, [])  # held
+        lost = Deferred()
+        c.registry._link.on_lost = lambda: lost.callback(None)
+        c.registry._link.connection.transport.abortConnection()
+        yield lost
+        for _ in range(2):  # (the turn that sends them)
+            yield deferLater(reactor, 0, lambda: None)
+        self.assertEqual([n for n, _ in answers], [0, 1, 2])
+        self.assertTrue(all(isinstance(outcome, Unavailable) for _, outcome in answers))
+        c.registry.relay_across("c1", "a1", frame(offer(3)), lambda outcome: answers.append((3, outcome)))
+        self.assertIsInstance(answers[-1][1], Unavailable)  # (answered at once: Redis is unreachable)
+        self.assertEqual(a.delivered, [])
+
+    @inlineCallbacks
+    def test_a_failing_answer_costs_the_other_relays_nothing(self):
+        """If one relay's answer callback raises, the relays after it in the same script still get theirs."""
+        a, c = yield self.pair_up()
+        answers = []
+
+        def broken(outcome):
+            raise RuntimeError("broken caller")
+
+        c.registry.relay_across("c1", "a1", frame(offer(0)), broken)
+        done = Deferred()
+        c.registry.relay_across("c2", "a2", frame(offer(1)), lambda o: (answers.append(o), done.callback(None)))
+        yield done
+        self.assertEqual(answers, [True])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        yield a.deliveries(2)
