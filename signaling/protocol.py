@@ -275,27 +275,22 @@ class SignalingServerProtocol(FastPath, FrameGuard, WebSocketServerProtocol):  #
         except SignalingError as e:
             self._error(e.code, e.message, e.ref)
             return
-        partner = self._partner
-        if (
-            partner is not None and not self._busy and message.type in _CHECKED
-            and partner.peer_id == message.to and partner.state == _compat.STATE_OPEN
-        ):
-            # the commonest message: an offer, answer or candidate to the
-            # partner it is linked with, with nothing of this peer's still
-            # pending: relayed now, as _process would (see _link)
-            sender = self.peer_id
-            delivered = partner.send(messages.encode(messages.relay(message.type, sender, message.data)))
-            self._relayed(delivered, message, sender, len(payload), self._read_at)
-            return
-        factory = self.factory
-        if (
-            factory.cluster is not None and not self._busy and message.type in _CHECKED
-            and message.to not in factory.connections and "/" not in message.to
-        ):
-            # the commonest in a cluster: one to a peer elsewhere, with
-            # nothing of this peer's pending: sent on now, as _process would
-            self._relay_across(message, len(payload), self._read_at)
-            return
+        if not self._busy and message.type in _CHECKED:
+            # the commonest messages: an offer, answer or candidate with
+            # nothing of this peer's still pending, relayed now, as
+            # _process would
+            partner = self._partner
+            if partner is not None and partner.peer_id == message.to and partner.state == _compat.STATE_OPEN:
+                # to the partner it is linked with (see _link)
+                sender = self.peer_id
+                delivered = partner.send(messages.encode(messages.relay(message.type, sender, message.data)))
+                self._relayed(delivered, message, sender, len(payload), self._read_at)
+                return
+            factory = self.factory
+            if factory.cluster is not None and message.to not in factory.connections and "/" not in message.to:
+                # to a peer on another node (see _relay_across)
+                self._relay_across(message, len(payload), self._read_at)
+                return
         self._enqueue(self._process, message, len(payload))
 
     def connectionLost(self, reason=connectionDone):
